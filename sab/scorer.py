@@ -1,0 +1,73 @@
+"""Attention scorers: the raw score ``a_i`` of memory ``m_i`` given the provisional state ĥ(t).
+
+Every scorer splits into a *key* that depends on the memory alone (computed once, when the memory
+is written, and cached in the bank — SPEC §2.3), a *query* that depends on ĥ(t) alone, and a
+``scores(query, keys)`` that combines them:
+
+* ``MLPScorer`` (default, SPEC §2.3): the one-hidden-layer MLP on ``[ĥ; m_i]``,
+  ``a_i = v · tanh(W_q ĥ + W_k m_i + b)``; key ``W_k m_i`` (d_att), query ``W_q ĥ + b`` (d_att).
+* ``ReleaseScorer`` (SPEC §8.2, for comparison only): the authors' single linear unit on
+  ``tanh([ĥ; m_i])``, ``a_i = u·tanh(ĥ) + w·tanh(m_i) + b``.  The ĥ term is the same for every
+  memory, so it cancels in the threshold: the selection ignores the current state.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MLPScorer", "ReleaseScorer", "make_scorer", "SCORERS"]
+
+
+class MLPScorer(nn.Module):
+    """``a_i = v · tanh(W_q ĥ + W_k m_i + b)``, hidden width ``att_hidden`` (SPEC §2.3)."""
+
+    def __init__(self, hidden_size: int, att_hidden: int):
+        super().__init__()
+        self.query_proj = nn.Linear(hidden_size, att_hidden, bias=True)  # W_q, b
+        self.key_proj = nn.Linear(hidden_size, att_hidden, bias=False)  # W_k
+        self.v = nn.Parameter(torch.empty(att_hidden))
+        bound = 1.0 / math.sqrt(att_hidden)
+        nn.init.uniform_(self.v, -bound, bound)
+        self.key_size = att_hidden
+
+    def keys(self, m: Tensor) -> Tensor:
+        return self.key_proj(m)  # (B, H) -> (B, d_att)
+
+    def query(self, h_hat: Tensor) -> Tensor:
+        return self.query_proj(h_hat)  # (B, H) -> (B, d_att)
+
+    def scores(self, query: Tensor, keys: Tensor) -> Tensor:
+        hidden = torch.tanh(query.unsqueeze(1) + keys)  # (B, n, d_att)
+        return hidden @ self.v  # (B, n)
+
+
+class ReleaseScorer(nn.Module):
+    """The release's ``u·tanh(ĥ) + w·tanh(m_i) + b`` (SPEC §8.2). For comparison only."""
+
+    def __init__(self, hidden_size: int, att_hidden: int | None = None):
+        super().__init__()
+        self.linear = nn.Linear(2 * hidden_size, 1)  # one unit on tanh([ĥ; m])
+        self.hidden_size = hidden_size
+        self.key_size = 1
+
+    def keys(self, m: Tensor) -> Tensor:
+        w_m = self.linear.weight[:, self.hidden_size:]  # (1, H)
+        return torch.tanh(m) @ w_m.t()  # (B, 1)
+
+    def query(self, h_hat: Tensor) -> Tensor:
+        w_h = self.linear.weight[:, : self.hidden_size]  # (1, H)
+        return torch.tanh(h_hat) @ w_h.t() + self.linear.bias  # (B, 1)
+
+    def scores(self, query: Tensor, keys: Tensor) -> Tensor:
+        return query + keys.squeeze(-1)  # (B, 1) + (B, n) -> (B, n)
+
+
+SCORERS = {"mlp": MLPScorer, "release": ReleaseScorer}
+
+
+def make_scorer(name: str, hidden_size: int, att_hidden: int) -> nn.Module:
+    if name not in SCORERS:
+        raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {name!r}")
+    return SCORERS[name](hidden_size, att_hidden)

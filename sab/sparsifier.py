@@ -1,0 +1,82 @@
+"""The sparsifier of SPEC §2.4: keep exactly ``k_top`` memories.
+
+Rule, for raw scores ``a`` over ``n`` memories (last dimension):
+
+* ``n > k_top``: ``δ = (k_top+1)-th largest a``, held constant in the backward pass (stop-gradient),
+  ``ã_i = relu(a_i − δ)``, ``w_i = ã_i / Σ_j ã_j``.  Exactly the ``k_top`` largest scores can get
+  non-zero weight.  ``relu`` (not ``clamp_min``) because its gradient at exactly 0 is 0: the
+  (k_top+1)-th score sits at ``a − δ = 0`` and must receive no credit (SPEC §3).
+* ``n ≤ k_top``: nothing to threshold, all ``n`` memories are kept with ``w = softmax(a)``, a smooth
+  function of the scores whose weights are non-negative and sum to 1.  (The authors' release used
+  the raw, signed, unnormalised scores here — SPEC §8.3 — which made training diverge.)
+
+Normalisation.  The paper writes ``ã_i / (Σ_j ã_j + ε)``; ε only guards the division by zero.  We
+guard it with a mask instead, so the weights sum to exactly 1 whenever any memory is kept.  They
+are all zero only when the top ``k_top`` scores tie with the (k_top+1)-th (then ``ã ≡ 0``, the
+summary is 0 and no memory gets credit).  Weights are never NaN; non-finite scores are rejected.
+
+Invariances: adding a constant to all scores changes nothing (δ moves with them; softmax is shift
+invariant).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["sparsify", "topk_select", "threshold_weights"]
+
+
+def threshold_weights(top: Tensor, delta: Tensor) -> Tensor:
+    """Weights of the kept scores ``top`` (..., k) given the threshold ``delta`` (...).
+
+    ``delta`` is detached here: it is a constant for the backward pass (SPEC §2.4).
+    """
+    shifted = torch.relu(top - delta.detach().unsqueeze(-1))  # (..., k), zero gradient at 0
+    total = shifted.sum(-1, keepdim=True)  # (..., 1)
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    return shifted / safe  # (..., k), sums to 1 or is all zero
+
+
+def topk_select(scores: Tensor, k_top: int) -> tuple[Tensor, Tensor]:
+    """Sparse form of :func:`sparsify`: the weights and indices of the kept memories.
+
+    ``scores`` (..., n) → ``weights`` (..., m), ``indices`` (..., m) with ``m = min(k_top, n)``,
+    indices sorted by decreasing score.  Gradient reaches only the kept scores.
+    """
+    _check_scores(scores, k_top)
+    n = scores.shape[-1]
+    if k_top == 0 or n == 0:
+        empty = scores.new_zeros(scores.shape[:-1] + (0,))
+        return empty, empty.long()
+    if n <= k_top:
+        return torch.softmax(scores, dim=-1), _arange_like(scores)
+    values, indices = scores.topk(k_top + 1, dim=-1, sorted=True)  # (..., k+1)
+    delta = values[..., k_top]  # (...,) the (k_top+1)-th largest score
+    return threshold_weights(values[..., :k_top], delta), indices[..., :k_top]
+
+
+def sparsify(scores: Tensor, k_top: int) -> Tensor:
+    """Dense sparse attention weights over the last dimension (SPEC §2.4).
+
+    ``scores`` (..., n) → weights (..., n) with at most ``k_top`` non-zero entries, non-negative,
+    summing to 1 (or all zero when the top scores tie with the (k_top+1)-th, see module docs).
+    """
+    weights, indices = topk_select(scores, k_top)  # (..., m), (..., m)
+    return torch.zeros_like(scores).scatter(-1, indices, weights)  # (..., n)
+
+
+def _arange_like(scores: Tensor) -> Tensor:
+    n = scores.shape[-1]
+    return torch.arange(n, device=scores.device).expand(scores.shape)  # (..., n)
+
+
+def _check_scores(scores: Tensor, k_top: int) -> None:
+    if not isinstance(k_top, int) or isinstance(k_top, bool) or k_top < 0:
+        raise ValueError(f"k_top must be an integer >= 0, got {k_top!r}")
+    if not torch.is_tensor(scores) or not scores.is_floating_point():
+        raise TypeError(f"scores must be a floating-point tensor, got {type(scores).__name__}"
+                        f"{'' if not torch.is_tensor(scores) else ' of dtype ' + str(scores.dtype)}")
+    if scores.dim() == 0:
+        raise ValueError("scores must have at least one dimension (..., n), got a scalar")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores must be finite; got NaN or infinity")
