@@ -1,0 +1,87 @@
+"""Credit-assignment rules of SPEC §3, checked from outside through ``return_attention``."""
+import pytest
+import torch
+
+from conftest import make_sab
+
+
+def predicted_steps(rec, t0, b, k_trunc, step0=0):
+    """Input steps that a loss at t0 must reach: t0's block, the blocks of the memories selected
+    (with non-zero weight) anywhere in it, and recursively theirs."""
+    seen, todo = set(), [t0]
+    while todo:
+        t = todo.pop()
+        g = step0 + t
+        start = t - (g % k_trunc) if k_trunc else 0
+        start = max(start, 0)
+        for u in range(start, t + 1):
+            if u in seen:
+                continue
+            seen.add(u)
+            w, steps = rec.weights[u, b], rec.memory_steps[u, b]
+            for j in range(w.shape[0]):
+                if w[j] > 0:
+                    todo.append(int(steps[j]) - step0)
+    return seen
+
+
+@pytest.mark.parametrize("k_trunc,k_top,k_att", [(1, 1, 1), (3, 2, 2), (4, 1, 3), (2, 3, 1),
+                                                 (5, 5, 2)])
+def test_gradient_reaches_exactly_the_predicted_steps(k_trunc, k_top, k_att):
+    T, B, I, H = 30, 3, 2, 4
+    layer = make_sab(I, H, k_trunc=k_trunc, k_top=k_top, k_att=k_att, seed=k_trunc + k_top)
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    out, _, (rec,) = layer(x, return_attention=True)
+    hops = 0
+    for t0 in (T - 1, T // 2, 7):
+        gx, = torch.autograd.grad(out[t0].pow(2).sum(), x, retain_graph=True)
+        for b in range(B):
+            got = set(torch.nonzero(gx[:, b].abs().sum(-1) > 0).flatten().tolist())
+            want = predicted_steps(rec, t0, b, k_trunc)
+            assert got == want, (t0, b)
+            hops += len(want) > k_trunc
+    assert hops > 0  # credit did travel through memories beyond the local block
+
+
+def test_memories_with_zero_weight_get_exactly_zero_gradient():
+    """All scores equal (v = 0): the top scores tie with the (k+1)-th, every weight is 0, the
+    memories are still read (recorded indices) but receive exactly no credit."""
+    T, B = 12, 2
+    layer = make_sab(2, 3, k_trunc=1, k_top=2, k_att=1)
+    with torch.no_grad():
+        layer.scorers[0].v.zero_()
+    x = torch.randn(T, B, 2, dtype=torch.float64, requires_grad=True)
+    out, _, (rec,) = layer(x, return_attention=True)
+    assert (rec.indices[-1] >= 0).all() and (rec.weights[-1] == 0).all()
+    gx, = torch.autograd.grad(out[-1].sum(), x)
+    assert (gx[:-1] == 0).all() and (gx[-1] != 0).any()
+
+
+@pytest.mark.parametrize("k,n", [(1, 6), (2, 9), (3, 4), (4, 4), (5, 3)])
+def test_only_the_selected_memories_get_gradient(k, n):
+    """Memories carried in as leaves: after one step, exactly the memories with non-zero weight
+    have gradient; the (k+1)-th, which set the threshold δ, and all others have exactly zero."""
+    from sab import RecurrentState
+    from sab.memory import MemoryBank
+    B, H = 5, 4
+    layer = make_sab(3, H, k_trunc=1, k_top=k, k_att=100, seed=k + n)
+    scorer = layer.scorers[0]
+    mems = [torch.randn(B, H, dtype=torch.float64, requires_grad=True) for _ in range(n)]
+    bank = MemoryBank.empty(B, H, scorer.key_size, dtype=torch.float64)
+    for j, m in enumerate(mems):
+        bank.write(m, scorer.keys(m), j)
+    state = RecurrentState(torch.zeros(1, B, H, dtype=torch.float64),
+                           torch.zeros(1, B, H, dtype=torch.float64), [bank], n)
+    x = torch.randn(1, B, 3, dtype=torch.float64)
+    out, _, (rec,) = layer(x, state, return_attention=True)
+    grads = torch.autograd.grad(out.pow(2).sum(), mems)
+    with torch.no_grad():
+        h_hat = out[0] - rec.summary[0]
+        scores = scorer.scores(scorer.query(h_hat), scorer.keys(torch.stack(mems, 1)))  # (B, n)
+    for b in range(B):
+        credited = {j for j in range(n) if (grads[j][b] != 0).any()}
+        weighted = {int(i) for i, w in zip(rec.indices[0, b], rec.weights[0, b]) if w > 0}
+        assert credited == weighted
+        assert len(weighted) == min(k, n)
+        if n > k:
+            assert int(scores[b].topk(k + 1).indices[k]) not in credited
