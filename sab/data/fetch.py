@@ -120,7 +120,7 @@ def download(url: str, dest: Path, spec: Optional[FileSpec] = None, *,
                             f"is kept in {part}: run fetch again to resume")
     if spec is not None and spec.verifiable:
         try:
-            verify_file(part, spec)
+            verify_file(part, spec, "")
         except BadFileError as e:
             part.unlink()
             raise ChecksumError(f"download of {url} failed verification and was discarded: {e}",
@@ -201,7 +201,7 @@ def _extract_member(archive: Path, fs: FileSpec, dest: Path, name: str) -> None:
     tmp = dest.with_name(dest.name + ".part")
     atomic_write_bytes(tmp, data)
     try:
-        verify_file(tmp, fs, name)
+        verify_file(tmp, fs, "")
     except BadFileError as e:
         tmp.unlink()
         raise ChecksumError(f"{archive}:{fs.member} failed verification, nothing written: {e}",

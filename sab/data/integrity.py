@@ -50,6 +50,8 @@ def _expected(spec: FileSpec) -> Optional[Tuple[str, str]]:
 
 
 def _hint(name: Optional[str]) -> str:
+    if name == "":
+        return ""
     return (f" The file was left in place: move it away, then run `sab data fetch {name}` or "
             f"`sab data prepare {name}`." if name else " The file was left in place.")
 
@@ -58,52 +60,46 @@ def verify_file(path: Path, spec: FileSpec, dataset: Optional[str] = None) -> st
     """Check the file at `path` against `spec`; return a short note on what was verified.
 
     Raises BadFileError (empty, corrupted gzip) or ChecksumError (size or checksum differ; the
-    message holds both values). Never modifies the file.
+    message holds both values). Never modifies the file. `dataset` names the dataset in the
+    advice appended to errors ("" for no advice).
     """
     path = Path(path)
     size = path.stat().st_size
     if size == 0:
         raise BadFileError(f"{path}: empty file (0 bytes).{_hint(dataset)}")
-    mismatch: Optional[ChecksumError] = None
     if spec.size is not None and size != spec.size:
-        mismatch = ChecksumError(
-            f"{path}: wrong size: expected {spec.size} bytes, found {size} bytes "
-            f"(truncated or a different file).{_hint(dataset)}",
-            path=str(path), expected=str(spec.size), found=str(size))
+        what, want, got = "size", f"{spec.size} bytes", f"{size} bytes"
+        problem = (f"{path}: wrong size: expected {want}, found {got} "
+                   f"(truncated or a different file)")
     else:
         exp = _expected(spec)
         if exp is None:
             return "size ok, no checksum recorded" if spec.size is not None else "not verified"
-        algo, want = exp
-        got = file_digest(path, algo)
+        what, want = exp
+        got = file_digest(path, what)
         if got == want:
-            return f"{algo} ok"
-        mismatch = ChecksumError(
-            f"{path}: {algo} mismatch: expected {want}, found {got}.{_hint(dataset)}",
-            path=str(path), expected=want, found=got)
+            return f"{what} ok"
+        problem = f"{path}: {what} mismatch: expected {want}, found {got}"
     # A recompressed .gz (e.g. Debian's Fashion-MNIST) is accepted when its content is right.
     if spec.content is not None and _expected(spec.content) is not None:
-        content_note = _verify_gzip_content(path, spec.content, dataset)
-        return f"recompressed gzip, {content_note}"
-    raise mismatch
+        try:
+            return f"recompressed gzip, {_verify_gzip_content(path, spec.content)}"
+        except BadFileError as e:
+            problem += f"; and {e}"
+    raise ChecksumError(problem + "." + _hint(dataset), path=str(path), expected=want, found=got)
 
 
-def _verify_gzip_content(path: Path, content: FileSpec, dataset: Optional[str]) -> str:
+def _verify_gzip_content(path: Path, content: FileSpec) -> str:
     algo, want = _expected(content)  # type: ignore[misc]
     try:
         with gzip.open(path, "rb") as f:
             got, n = digest_stream(f, algo)
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
-        raise BadFileError(f"{path}: not a readable gzip file ({e}): corrupted or truncated."
-                           f"{_hint(dataset)}") from e
+        raise BadFileError(f"not a readable gzip file ({e}): corrupted or truncated") from e
     if content.size is not None and n != content.size:
-        raise ChecksumError(
-            f"{path}: decompressed size: expected {content.size} bytes, found {n} bytes."
-            f"{_hint(dataset)}", path=str(path), expected=str(content.size), found=str(n))
+        raise BadFileError(f"decompressed size: expected {content.size} bytes, found {n} bytes")
     if got != want:
-        raise ChecksumError(
-            f"{path}: {algo} of the decompressed content: expected {want}, found {got}."
-            f"{_hint(dataset)}", path=str(path), expected=want, found=got)
+        raise BadFileError(f"{algo} of the decompressed content: expected {want}, found {got}")
     return f"content {algo} ok"
 
 

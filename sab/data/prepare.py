@@ -162,9 +162,11 @@ def mnist5k_csv_path() -> Path:
 def mnist5k_arrays(csv_path: Path) -> Dict[str, tuple]:
     """{'train', 'test'} -> (images uint8 (N, 28, 28), labels uint8 (N,)); see module doc."""
     try:
-        with gzip.open(csv_path, "rt") as f:
-            table = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
-    except (OSError, EOFError, ValueError) as e:
+        with gzip.open(csv_path, "rt", encoding="ascii") as f:
+            lines = f.read().split()
+        table = np.array(",".join(lines).split(","), dtype=np.int64)  # faster than loadtxt
+        table = table.reshape(len(lines), -1)  # (rows, 785)
+    except (OSError, EOFError, ValueError, UnicodeDecodeError) as e:
         raise BadFileError(f"{csv_path}: not a readable mnist_5k.csv.gz ({e})") from e
     if table.shape != (5000, 785) or table.min() < 0 or table[:, :784].max() > 255:
         raise BadFileError(f"{csv_path}: expected 5000 rows of 784 pixels (0..255) and a label, "
