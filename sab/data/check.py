@@ -43,7 +43,7 @@ class CheckReport:
         lines = [f"data root: {self.root}"]
         lines += [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
         for f in self.bad_files:
-            lines.append(f"BAD {f.path}: {f.detail}")
+            lines.append(f"BAD {f.detail}")  # the detail starts with the file's path
         return "\n".join(lines)
 
 

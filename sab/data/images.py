@@ -15,7 +15,6 @@ permuted MNIST, sequential CIFAR-10; here also Fashion-MNIST and mnist5k).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch

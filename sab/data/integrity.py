@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import BinaryIO, Dict, Iterator, List, Optional, Tuple
 
 from .errors import BadFileError, ChecksumError, MissingFileError
-from .registry import DatasetSpec, FileSpec, Layout, Slot, get_spec
+from .registry import REGISTRY, DatasetSpec, FileSpec, Layout, Slot, get_spec
 from .registry import data_root as resolve_root
 
 CHUNK = 1 << 20
@@ -52,8 +52,14 @@ def _expected(spec: FileSpec) -> Optional[Tuple[str, str]]:
 def _hint(name: Optional[str]) -> str:
     if name == "":
         return ""
-    return (f" The file was left in place: move it away, then run `sab data fetch {name}` or "
-            f"`sab data prepare {name}`." if name else " The file was left in place.")
+    if not name:
+        return " The file was left in place."
+    spec = REGISTRY.get(name)
+    ways = [f"`sab data {cmd} {name}`" for cmd, ok in
+            (("fetch", spec is None or spec.fetchable), ("prepare", spec is None or spec.prepare))
+            if ok]
+    then = f", then run {' or '.join(ways)}" if ways else ", then put the right file there"
+    return f" The file was left in place: move it away{then}."
 
 
 def verify_file(path: Path, spec: FileSpec, dataset: Optional[str] = None) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .formats import EOS, read_ptb_char, read_text8, split_text8
+from .formats import read_ptb_char, read_text8, split_text8
 from .integrity import locate
 from .registry import PathLike, get_spec
 from .registry import data_root as resolve_root
