@@ -38,17 +38,18 @@ def attend(scorer, h_hat: Tensor, bank: MemoryBank, k_top: int, dense: bool = Fa
     and backward cost of the summary is O(B·k_top·H) and credit flows to those memories alone.
     ``n ≤ k_top`` or ``dense=True`` (the self-attention baseline): softmax over all ``n``.
     """
-    n = bank.count
+    start, stop = bank.window()
+    n = stop - start
     query = scorer.query(h_hat)  # (B, d_k)
     if dense or n <= k_top:
         values, keys = bank.gather_all()  # (B, n, H), (B, n, d_k)
         weights = torch.softmax(scorer.scores(query, keys), dim=-1)  # (B, n)
-        slots = torch.arange(n, device=h_hat.device).expand(h_hat.shape[0], -1)  # (B, n)
+        slots = torch.arange(start, stop, device=h_hat.device).expand(h_hat.shape[0], -1)
     else:
         with torch.no_grad():
-            ranked = scorer.scores(query, bank.keys[:, :n])  # (B, n)
+            ranked = scorer.scores(query, bank.keys[:, start:stop])  # (B, n)
             top, slots = ranked.topk(k_top + 1, dim=-1)  # (B, k+1), sorted
-        slots = slots[:, :k_top]  # (B, k)
+        slots = slots[:, :k_top] + start  # (B, k)
         values, keys = bank.gather(slots)  # (B, k, H), (B, k, d_k)
         scores = scorer.scores(query, keys)  # (B, k) with graph
         # Forward values exactly those that were ranked; gradient of the re-scored ones.

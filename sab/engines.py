@@ -58,7 +58,171 @@ def reference(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
                         {"steps": T, "steps_backpropagated": T})
 
 
-ENGINES = {"reference": reference}
+# -- the sparse backtracking engine (SPEC §4) ---------------------------------------------------
+#
+# Forward, no graph: for every layer keep only what a block needs to be recomputed — the (h, c)
+# entering each truncation block and the memory window then — plus the memory bank itself, an
+# append-only store of values and cached keys.  Backward sweeps the blocks of the top layer in
+# reverse; for each block:
+#
+#   loss in it?  or  credit waiting for a memory written in it?  ── neither ──> skip the block
+#        │ yes
+#        ▼
+#   recompute the block with a graph, from its boundary; the bank is a window onto the store, and
+#   its gradient accumulators are the engine's own (one row per memory of the chunk):
+#     · reads of earlier memories add credit to their rows (injected when their block comes),
+#     · each memory written in the block collects its row — credit from later blocks and from
+#       this one — when autograd reaches its write (the token chain of sab.memory).
+#   backward(loss of the block), input gradient kept for the layer below.
+#
+# Lower layers are swept the same way, their "loss" being the gradient w.r.t. their outputs that
+# the layer above sent back.  Because blocks interact only through memories (the recurrent path is
+# cut at every boundary), this visits exactly the blocks that the reference engine's backward
+# sends non-zero credit to, and the gradients are equal.
+
+
+@dataclass
+class _LayerPlan:
+    inputs: Tensor  # (T, B, I_l) the layer's input values (after dropout)
+    mask: Optional[Tensor]  # (T, B, I_l) dropout scale applied to the input, or None
+    store: Optional["MemoryBank"]  # linear bank: every memory visible during the chunk
+    boundaries: list  # [Boundary], one per block, in time order
+
+
+def _block_has_loss(loss_fn, start: int, stop: int) -> bool:
+    steps = getattr(loss_fn, "loss_steps", None)
+    if steps is None:
+        return True
+    return any(start <= t < stop for t in steps)
+
+
+def _linear_store(layer, l: int, carried, T: int, B: int, like: Tensor):
+    """An append-only bank holding the carried memories (oldest first) and room for the chunk."""
+    from .memory import MemoryBank
+    n_carried = 0 if carried is None else len(carried)
+    capacity = n_carried + T // layer.k_att + 1
+    store = MemoryBank.empty(B, layer.hidden_size, layer.scorers[l].key_size,
+                             max_memories=layer.max_memories, device=like.device,
+                             dtype=like.dtype, capacity=capacity, linear=True)
+    if n_carried:
+        old = carried.chronological()
+        store.values[:, :n_carried] = old.values[:, :n_carried]
+        store.keys[:, :n_carried] = old.keys[:, :n_carried]
+        store.slot_ids[:n_carried] = old.slot_ids[:n_carried]
+        store.slot_steps[:n_carried] = old.slot_steps[:n_carried]
+        store.count, store.next_id = n_carried, old.next_id
+    return store
+
+
+def sparse(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
+           return_attention: bool = False) -> EngineResult:
+    """Sparse backtracking (SPEC §4): recompute only the blocks that hold a loss or credit."""
+    from .layer import SABLSTM
+    from .memory import MemoryBank, _Graph
+    layer = _unwrap(model)
+    if not isinstance(layer, SABLSTM) or layer.dense:
+        raise ValueError(f"the sparse engine runs SABLSTM models; use engine='reference' for "
+                         f"{type(layer).__name__}")
+    if layer.batch_first:
+        raise ValueError("engines take time-major input: build the model with batch_first=False")
+    x_in = x
+    x, _ = layer._prepare_input(x.detach())  # (T, B, I)
+    if x.dim() != 3 or x_in.dim() != 3:
+        raise ValueError("the sparse engine takes batched input (T, B, I)")
+    T, B, _ = x.shape
+    st = layer._prepare_state(state, B, True, x).detach()  # each chunk is its own graph
+    L, k_trunc = layer.num_layers, layer.k_trunc
+
+    # ---- forward without graph ----------------------------------------------------------------
+    plans: List[_LayerPlan] = []
+    hs, cs, records = [], [], []
+    with torch.no_grad():
+        layer_in = x
+        for l in range(L):
+            mask = None
+            if l > 0 and layer.dropout > 0 and layer.training:
+                keep = 1.0 - layer.dropout
+                mask = torch.bernoulli(torch.full_like(layer_in, keep)) / keep  # (T, B, H)
+                layer_in = layer_in * mask
+            store = _linear_store(layer, l, st.memory[l], T, B, x) if layer.attends else None
+            boundaries: list = []
+            out, h, c, rec = layer._run_layer(l, layer_in, st.h[l], st.c[l], store, st.step,
+                                              return_attention, boundaries)
+            plans.append(_LayerPlan(layer_in, mask, store, boundaries))
+            hs.append(h)
+            cs.append(c)
+            records.append(rec)
+            layer_in = out
+
+    # ---- backward: reverse sweep over blocks ---------------------------------------------------
+    total = x.new_zeros(())
+    visited = skipped = 0
+    grad_out: Optional[Tensor] = None  # (T, B, H) credit for the current layer's outputs
+    need_input_grad = x_in.requires_grad
+    for l in reversed(range(L)):
+        plan = plans[l]
+        store = plan.store
+        graph = None
+        if store is not None:
+            first_id = store.next_id - (store.head + store.count)  # id of slot 0
+            n_rows = store.values.shape[1]
+            graph = _Graph(first_id, store.values.new_zeros(B, n_rows, layer.hidden_size),
+                           store.keys.new_zeros(B, n_rows, store.key_size))
+        want_in = l > 0 or need_input_grad
+        grad_in = torch.zeros_like(plan.inputs) if want_in else None
+        stops = [b.t for b in plan.boundaries[1:]] + [T]
+        end_ids = [b.next_id for b in plan.boundaries[1:]] + [0 if store is None else store.next_id]
+        for bnd, stop, end_id in reversed(list(zip(plan.boundaries, stops, end_ids))):
+            start = bnd.t
+            if l == L - 1:
+                has_loss = _block_has_loss(loss_fn, start, stop)
+            else:
+                has_loss = bool(grad_out[start:stop].any())
+            has_credit = graph is not None and graph.is_touched(bnd.next_id, end_id)
+            if not (has_loss or has_credit):
+                skipped += 1
+                continue
+            visited += stop - start
+            with torch.enable_grad():
+                inp = plan.inputs[start:stop].detach().requires_grad_(want_in)
+                bank = None
+                if store is not None:
+                    bank = MemoryBank(store.values, store.keys, store.slot_ids, store.slot_steps,
+                                      bnd.count, bnd.head, bnd.next_id, store.max_memories,
+                                      graph, x.new_zeros((), requires_grad=True), linear=True)
+                out, _, _, rec = layer._run_layer(l, inp, bnd.h, bnd.c, bank, st.step + start,
+                                                  l == L - 1)
+                roots, grads = [], []
+                if l == L - 1:
+                    loss = loss_fn(start, stop, out, rec.summary) if has_loss else None
+                    if loss is not None:
+                        total = total + loss.detach()
+                        roots.append(loss)
+                        grads.append(None)
+                elif has_loss:
+                    roots.append(out)
+                    grads.append(grad_out[start:stop])
+                if bank is not None and bank.token is not None and bank.token.grad_fn is not None:
+                    # reach every write of the block, so each memory collects its credit
+                    roots.append(bank.token)
+                    grads.append(torch.zeros_like(bank.token))
+                if roots:
+                    torch.autograd.backward(roots, grads)
+                if want_in and inp.grad is not None:
+                    grad_in[start:stop] = inp.grad
+        if want_in:
+            grad_out = grad_in if plan.mask is None else grad_in * plan.mask
+    if need_input_grad and grad_out is not None:
+        x_in.backward(grad_out)
+
+    memory = [None if p.store is None else p.store.chronological() for p in plans]
+    new_state = RecurrentState(torch.stack(hs), torch.stack(cs), memory, st.step + T)
+    return EngineResult(total, new_state, records if return_attention else None,
+                        {"steps": T * L, "steps_backpropagated": visited,
+                         "blocks_skipped": skipped})
+
+
+ENGINES = {"reference": reference, "sparse": sparse}
 
 
 def forward_backward(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,

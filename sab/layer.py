@@ -15,7 +15,7 @@ but the graph of every step is kept until ``backward()``.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Union
+from typing import List, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from .memory import MemoryBank
 from .scorer import SCORERS, make_scorer
 from .state import AttentionRecord, RecurrentState
 
-__all__ = ["SABLSTM", "RecurrentLayerBase"]
+__all__ = ["SABLSTM", "RecurrentLayerBase", "Boundary"]
 
 
 def exists(x) -> bool:
@@ -267,18 +267,25 @@ class SABLSTM(RecurrentLayerBase):
         return output, new_state
 
     def _run_layer(self, layer: int, x: Tensor, h: Tensor, c: Tensor, bank: Optional[MemoryBank],
-                   step0: int, record: bool):
-        """One layer over the whole chunk: x (T, B, I) -> outputs (T, B, H)."""
+                   step0: int, record: bool, boundaries: Optional[list] = None):
+        """One layer over the whole chunk: x (T, B, I) -> outputs (T, B, H).
+
+        ``boundaries``, if given, receives a :class:`Boundary` at the start of every truncation
+        block (and at step 0): what the sparse engine needs to recompute the block later.
+        """
         w_ih, w_hh, b_ih, b_hh = self.cell_weights(layer)
         x_proj = F.linear(x, w_ih, b_ih + b_hh)  # (T, B, 4H): input projection of every step
         w_hh_t = w_hh.t()  # (H, 4H)
         scorer = self.scorers[layer] if self.attends else None
         outs: List[Tensor] = []
-        rec = _Recorder(self.k_top, self.dense) if record else None
+        rec = _Recorder(self.k_top) if record else None
         for t, xp_t in enumerate(x_proj.unbind(0)):  # unbind: no O(T) slicing per step
             g = step0 + t
-            if exists(self.k_trunc) and g % self.k_trunc == 0:
+            cut = exists(self.k_trunc) and g % self.k_trunc == 0
+            if cut:
                 h, c = h.detach(), c.detach()  # block truncation (SPEC §3)
+            if exists(boundaries) and (cut or t == 0):
+                boundaries.append(Boundary.at(t, h, c, bank))
             h_hat, c = lstm_pointwise(torch.addmm(xp_t, h, w_hh_t), c)  # (B, H)
             if exists(scorer) and bank.count > 0:
                 att = attend(scorer, h_hat, bank, self.k_top, self.dense)
@@ -296,11 +303,29 @@ class SABLSTM(RecurrentLayerBase):
         return out, h, c, (rec.finish(step0) if exists(rec) else None)
 
 
+class Boundary(NamedTuple):
+    """The start of a truncation block: its first step (in the chunk), the (detached) state
+    entering it, and the memory window then (linear bank: head, count, next_id)."""
+
+    t: int
+    h: Tensor  # (B, H)
+    c: Tensor  # (B, H)
+    head: int
+    count: int
+    next_id: int
+
+    @classmethod
+    def at(cls, t: int, h: Tensor, c: Tensor, bank: Optional[MemoryBank]) -> "Boundary":
+        if bank is None:
+            return cls(t, h, c, 0, 0, 0)
+        return cls(t, h, c, bank.head, bank.count, bank.next_id)
+
+
 class _Recorder:
     """Collects what attention did at each step into an :class:`AttentionRecord`."""
 
-    def __init__(self, k_top: int, dense: bool):
-        self.k_top, self.dense = k_top, dense
+    def __init__(self, k_top: int):
+        self.k_top = k_top
         self.rows: list = []
 
     def add(self, att, bank: MemoryBank) -> None:

@@ -25,7 +25,7 @@ Memory *ids* count writes from the start of the stream and never repeat; slots a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -38,15 +38,21 @@ __all__ = ["MemoryBank"]
 class _Graph:
     """Gradient accumulators shared by the writes and gathers of one autograd graph of one bank.
 
-    Memories get graph-local rows ``id - first_id``; memories carried in detached (ids below
-    ``first_id``) are not in the graph and their gradient is dropped, like a detached state.
+    Memories get rows ``id - first_id``; memories carried in detached (ids below ``first_id``)
+    are not in the graph and their gradient is dropped, like a detached state.  The sparse engine
+    passes its own buffers (``grad_v``, ``grad_k``) covering every memory of a chunk, so the
+    gradient that later blocks sent to a memory is waiting in its row when its block is
+    recomputed, and ``_Write`` hands it over together with the block's own.
     """
 
-    def __init__(self, first_id: int):
+    def __init__(self, first_id: int, grad_v: Optional[Tensor] = None,
+                 grad_k: Optional[Tensor] = None):
         self.first_id = first_id
-        self.n_ids = 0  # writes in this graph so far
-        self.grad_v: Optional[Tensor] = None  # (B, n_ids, H)
-        self.grad_k: Optional[Tensor] = None  # (B, n_ids, d_k)
+        self.n_ids = 0 if grad_v is None else grad_v.shape[1]  # rows needed so far
+        self.grad_v = grad_v  # (B, n_ids, H)
+        self.grad_k = grad_k  # (B, n_ids, d_k)
+        self.touched = None if grad_v is None else torch.zeros(
+            grad_v.shape[1], dtype=torch.bool, device=grad_v.device)  # (n_ids,) any credit
 
     def _ensure(self, like_v: Tensor, like_k: Tensor) -> None:
         B, H, dk = like_v.shape[0], like_v.shape[-1], like_k.shape[-1]
@@ -54,10 +60,12 @@ class _Graph:
         if have < self.n_ids:
             grad_v = like_v.new_zeros(B, self.n_ids, H)
             grad_k = like_k.new_zeros(B, self.n_ids, dk)
+            touched = torch.zeros(self.n_ids, dtype=torch.bool, device=like_v.device)
             if have:
                 grad_v[:, :have] = self.grad_v
                 grad_k[:, :have] = self.grad_k
-            self.grad_v, self.grad_k = grad_v, grad_k
+                touched[:have] = self.touched
+            self.grad_v, self.grad_k, self.touched = grad_v, grad_k, touched
 
     def accumulate(self, ids: Tensor, gv: Tensor, gk: Tensor) -> None:
         """Add ``gv`` (B, m, H) and ``gk`` (B, m, d_k) into the rows of memories ``ids`` (B, m)."""
@@ -73,15 +81,23 @@ class _Graph:
         flat = (rel + torch.arange(B, device=ids.device).unsqueeze(1) * n).reshape(-1)  # (B*m,)
         self.grad_v.view(B * n, -1).index_add_(0, flat, gv.reshape(B * m, -1))
         self.grad_k.view(B * n, -1).index_add_(0, flat, gk.reshape(B * m, -1))
+        self.touched[rel[keep]] = True
+
+    def is_touched(self, lo: int, hi: int) -> bool:
+        """Did any memory with id in ``[lo, hi)`` receive credit?"""
+        if self.touched is None:
+            return False
+        return bool(self.touched[max(lo - self.first_id, 0): max(hi - self.first_id, 0)].any())
 
     def take(self, mem_id: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """The accumulated gradient of one memory, (B, H) and (B, d_k); zeroed once taken."""
         row = mem_id - self.first_id
-        if self.grad_v is None or row >= self.grad_v.shape[1]:
+        if self.grad_v is None or row >= self.grad_v.shape[1] or not bool(self.touched[row]):
             return None, None
         gv, gk = self.grad_v[:, row].clone(), self.grad_k[:, row].clone()
         self.grad_v[:, row] = 0
         self.grad_k[:, row] = 0
+        self.touched[row] = False
         return gv, gk
 
 
@@ -127,9 +143,17 @@ def _gather_rows(buf: Tensor, slots: Tensor) -> Tensor:
 class MemoryBank:
     """The memories of one layer for a batch: values, cached keys and where they came from.
 
-    ``values`` (B, cap, H) and ``keys`` (B, cap, d_k) hold ``count`` valid slots (``[0, count)``);
+    ``values`` (B, cap, H) and ``keys`` (B, cap, d_k) hold ``count`` valid slots;
     ``slot_ids`` (cap,) the global id of each slot and ``slot_steps`` (cap,) the global step at
     which it was written.  ``next_id`` counts every write since the stream began.
+
+    Two layouts of the valid slots, ``[start, stop)`` = :meth:`window`:
+
+    * ring (default): slots ``[0, count)``; once ``max_memories`` are held, a write overwrites the
+      oldest slot (``head``), so the buffers never exceed ``max_memories``.
+    * linear (``linear=True``, used by the sparse engine over an append-only store): slots
+      ``[head, head + count)``; eviction moves ``head`` forward, nothing is overwritten, so the
+      bank as it was before any step is a window of the same buffers.
     """
 
     values: Tensor
@@ -137,22 +161,23 @@ class MemoryBank:
     slot_ids: Tensor
     slot_steps: Tensor
     count: int = 0
-    head: int = 0  # slot of the oldest memory once the ring is full
+    head: int = 0  # ring: slot of the oldest memory once full; linear: first valid slot
     next_id: int = 0
     max_memories: Optional[int] = None
     graph: Optional[_Graph] = None
     token: Optional[Tensor] = None
+    linear: bool = False
 
     @classmethod
     def empty(cls, batch: int, hidden: int, key_dim: int, *, max_memories=None, device=None,
-              dtype=None, capacity: int = 16) -> "MemoryBank":
-        cap = capacity if max_memories is None else max(1, min(capacity, max_memories))
+              dtype=None, capacity: int = 16, linear: bool = False) -> "MemoryBank":
+        cap = capacity if max_memories is None or linear else max(1, min(capacity, max_memories))
         return cls(
             values=torch.zeros(batch, cap, hidden, device=device, dtype=dtype),
             keys=torch.zeros(batch, cap, key_dim, device=device, dtype=dtype),
             slot_ids=torch.full((cap,), -1, dtype=torch.long, device=device),
             slot_steps=torch.full((cap,), -1, dtype=torch.long, device=device),
-            max_memories=max_memories,
+            max_memories=max_memories, linear=linear,
         )
 
     # -- shape --------------------------------------------------------------------------------
@@ -171,23 +196,26 @@ class MemoryBank:
     def __len__(self) -> int:
         return self.count
 
+    def window(self) -> tuple[int, int]:
+        """The valid slots are ``[start, stop)``."""
+        start = self.head if self.linear else 0
+        return start, start + self.count
+
     # -- state handling -----------------------------------------------------------------------
     def fork(self) -> "MemoryBank":
         """A copy whose writes do not change ``self`` (same graph: credit still flows back)."""
-        return MemoryBank(self.values.clone(), self.keys.clone(), self.slot_ids.clone(),
-                          self.slot_steps.clone(), self.count, self.head, self.next_id,
-                          self.max_memories, self.graph, self.token)
+        return replace(self, values=self.values.clone(), keys=self.keys.clone(),
+                       slot_ids=self.slot_ids.clone(), slot_steps=self.slot_steps.clone())
 
     def detach(self) -> "MemoryBank":
         """The same memories, cut from the graph (like ``repackage_hidden``, SPEC §3)."""
-        return MemoryBank(self.values, self.keys, self.slot_ids, self.slot_steps, self.count,
-                          self.head, self.next_id, self.max_memories, None, None)
+        return replace(self, graph=None, token=None)
 
     def to(self, *args, **kwargs) -> "MemoryBank":
-        vals = self.values.to(*args, **kwargs)
-        return MemoryBank(vals, self.keys.to(*args, **kwargs), self.slot_ids.to(vals.device),
-                          self.slot_steps.to(vals.device), self.count, self.head, self.next_id,
-                          self.max_memories, self.graph, self.token)
+        values = self.values.to(*args, **kwargs)
+        return replace(self, values=values, keys=self.keys.to(*args, **kwargs),
+                       slot_ids=self.slot_ids.to(values.device),
+                       slot_steps=self.slot_steps.to(values.device))
 
     @property
     def requires_grad(self) -> bool:
@@ -195,19 +223,39 @@ class MemoryBank:
 
     def ids(self) -> Tensor:
         """Global ids of the valid memories, in slot order: (count,)."""
-        return self.slot_ids[: self.count]
+        start, stop = self.window()
+        return self.slot_ids[start:stop]
 
     def memories(self) -> Tensor:
         """The valid memories in chronological order, (B, count, H) — a copy, no graph."""
-        order = self.slot_ids[: self.count].argsort()
-        return self.values[:, : self.count][:, order]
+        start, stop = self.window()
+        order = self.slot_ids[start:stop].argsort()
+        return self.values[:, start:stop][:, order]
+
+    def chronological(self) -> "MemoryBank":
+        """A compact ring bank of the same memories, oldest in slot 0, without graph."""
+        start, stop = self.window()
+        order = self.slot_ids[start:stop].argsort() + start  # (count,) slots, oldest first
+        bank = MemoryBank.empty(self.batch_size, self.hidden_size, self.key_size,
+                                max_memories=self.max_memories, device=self.values.device,
+                                dtype=self.values.dtype, capacity=max(1, self.count))
+        bank.values[:, : self.count] = self.values[:, order]
+        bank.keys[:, : self.count] = self.keys[:, order]
+        bank.slot_ids[: self.count] = self.slot_ids[order]
+        bank.slot_steps[: self.count] = self.slot_steps[order]
+        bank.count, bank.next_id = self.count, self.next_id
+        return bank
 
     # -- writing ------------------------------------------------------------------------------
     def _grow(self) -> None:
-        """Double the capacity (up to ``max_memories``), oldest memory first in slot 0."""
+        """Double the capacity (ring: up to ``max_memories``), oldest memory first in slot 0."""
         cap = self.values.shape[1]
-        new_cap = cap * 2 if self.max_memories is None else min(cap * 2, self.max_memories)
-        order = (torch.arange(cap, device=self.values.device) + self.head) % cap  # (cap,)
+        new_cap = cap * 2 if self.max_memories is None or self.linear \
+            else min(cap * 2, self.max_memories)
+        if self.linear:
+            order = torch.arange(cap, device=self.values.device)  # keep slots where they are
+        else:
+            order = (torch.arange(cap, device=self.values.device) + self.head) % cap  # (cap,)
 
         def grown(buf: Tensor, dim: int, fill) -> Tensor:
             shape = list(buf.shape)
@@ -218,21 +266,35 @@ class MemoryBank:
 
         self.values, self.keys = grown(self.values, 1, 0), grown(self.keys, 1, 0)
         self.slot_ids, self.slot_steps = grown(self.slot_ids, 0, -1), grown(self.slot_steps, 0, -1)
-        self.head = 0
+        if not self.linear:
+            self.head = 0
 
-    def write(self, h: Tensor, key: Tensor, step: int) -> None:
-        """Append memory ``h`` (B, H) with its key (B, d_k), written at global ``step``."""
+    def _next_slot(self) -> int:
         cap = self.values.shape[1]
-        full = self.count == cap
-        if full and (self.max_memories is None or cap < self.max_memories):
+        full = self.max_memories is not None and self.count == self.max_memories
+        if self.linear:
+            if full:
+                self.head += 1  # evict the oldest: the window slides
+                self.count -= 1
+            if self.head + self.count == cap:
+                self._grow()
+            self.count += 1
+            return self.head + self.count - 1
+        if self.count == cap and not full:
             self._grow()
-            cap, full = self.values.shape[1], False
+            cap = self.values.shape[1]
         if full:  # evict the oldest memory: its slot is reused
             slot = self.head
             self.head = (self.head + 1) % cap
-        else:
-            slot = (self.head + self.count) % cap
-            self.count += 1
+            return slot
+        self.count += 1
+        return (self.head + self.count - 1) % cap
+
+    def write(self, h: Tensor, key: Tensor, step: int) -> int:
+        """Append memory ``h`` (B, H) with its key (B, d_k), written at global ``step``.
+
+        Returns the memory's id."""
+        slot = self._next_slot()
         mem_id = self.next_id
         self.next_id += 1
         self.slot_ids[slot] = mem_id
@@ -240,11 +302,12 @@ class MemoryBank:
         if torch.is_grad_enabled() and (h.requires_grad or key.requires_grad):
             if self.graph is None:
                 self.graph = _Graph(first_id=mem_id)
-            self.graph.n_ids = mem_id - self.graph.first_id + 1
+            self.graph.n_ids = max(self.graph.n_ids, mem_id - self.graph.first_id + 1)
             self.token = _Write.apply(h, key, self.token, self, slot, mem_id)
         else:
             self.values[:, slot] = h.detach()
             self.keys[:, slot] = key.detach()
+        return mem_id
 
     # -- reading ------------------------------------------------------------------------------
     def gather(self, slots: Tensor) -> tuple[Tensor, Tensor]:
@@ -256,5 +319,6 @@ class MemoryBank:
 
     def gather_all(self) -> tuple[Tensor, Tensor]:
         """All valid memories and keys, (B, n, H), (B, n, d_k), in slot order."""
-        slots = torch.arange(self.count, device=self.values.device).expand(self.batch_size, -1)
+        start, stop = self.window()
+        slots = torch.arange(start, stop, device=self.values.device).expand(self.batch_size, -1)
         return self.gather(slots)

@@ -1,0 +1,146 @@
+"""The sparse backtracking engine equals the reference engine (SPEC §4), float64 to 1e-10."""
+import pytest
+import torch
+
+import sab
+from sab.engines import forward_backward
+
+from conftest import make_sab, param_grads
+
+
+def every_step_loss(r):
+    def loss_fn(start, stop, out, summary):  # additive over step ranges
+        return (out * r[start:stop]).sum() + (summary.pow(2) * r[start:stop]).sum() * 0.5
+    return loss_fn
+
+
+def last_step_loss(r, T):
+    def loss_fn(start, stop, out, summary):
+        if not start <= T - 1 < stop:
+            return None
+        return (out[-1] * r[-1]).sum() + (summary[-1] * r[-1]).sum()
+    loss_fn.loss_steps = [T - 1]
+    return loss_fn
+
+
+def run(layer, engine, x, loss_fn, state=None):
+    layer.zero_grad()
+    res = forward_backward(layer, x, loss_fn, state, engine=engine)
+    return res, param_grads(layer)
+
+
+CONFIGS = [
+    dict(k_trunc=1, k_top=1, k_att=1),
+    dict(k_trunc=3, k_top=2, k_att=2),
+    dict(k_trunc=5, k_top=5, k_att=2),
+    dict(k_trunc=4, k_top=1, k_att=3, num_layers=2),
+    dict(k_trunc=2, k_top=3, k_att=1, num_layers=3, att_hidden=3),
+    dict(k_trunc=2, k_top=2, k_att=1, max_memories=3),
+    dict(k_trunc=7, k_top=2, k_att=2, scorer="release"),
+    dict(k_trunc=None, k_top=2, k_att=2),
+    dict(k_trunc=3, k_top=0, k_att=1),
+]
+
+
+@pytest.mark.parametrize("kw", CONFIGS)
+@pytest.mark.parametrize("loss", ["every", "last"])
+@pytest.mark.parametrize("carried", [False, True])
+def test_sparse_engine_equals_reference(kw, loss, carried):
+    T, B, I, H = 26, 3, 3, 5
+    layer = make_sab(I, H, seed=len(str(kw)), **kw)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(T, B, I, dtype=torch.float64, generator=g)
+    r = torch.randn(T, B, H, dtype=torch.float64, generator=g)
+    loss_fn = every_step_loss(r) if loss == "every" else last_step_loss(r, T)
+    state = None
+    if carried:  # a previous chunk left h, c and memories (and a step phase mid-block)
+        _, state = layer(torch.randn(11, B, I, dtype=torch.float64, generator=g))
+        state = state.detach()
+    ref, g_ref = run(layer, "reference", x, loss_fn, state)
+    sp, g_sp = run(layer, "sparse", x, loss_fn, state)
+    torch.testing.assert_close(sp.loss, ref.loss, rtol=1e-12, atol=1e-12)
+    for name in g_ref:
+        torch.testing.assert_close(g_sp[name], g_ref[name], rtol=1e-10, atol=1e-10, msg=name)
+    torch.testing.assert_close(sp.state.h, ref.state.h, rtol=0, atol=1e-13)
+    torch.testing.assert_close(sp.state.c, ref.state.c, rtol=0, atol=1e-13)
+    assert sp.state.step == ref.state.step
+    for a, b in zip(sp.state.memory, ref.state.memory):
+        if a is None:
+            assert b is None
+            continue
+        assert a.next_id == b.next_id
+        torch.testing.assert_close(a.memories(), b.memories(), rtol=0, atol=1e-13)
+    assert not sp.state.h.requires_grad
+    assert all(m is None or not m.requires_grad for m in sp.state.memory)
+
+
+def test_states_carry_across_chunks_identically():
+    """Three chunks in a row, state carried (detached by the engine): the same trajectory."""
+    T, B = 12, 2
+    layer = make_sab(2, 4, k_trunc=5, k_top=2, k_att=2, max_memories=6)
+    g = torch.Generator().manual_seed(3)
+    chunks = [torch.randn(T, B, 2, dtype=torch.float64, generator=g) for _ in range(3)]
+    r = torch.randn(T, B, 4, dtype=torch.float64, generator=g)
+    states = {"reference": None, "sparse": None}
+    for x in chunks:
+        grads = {}
+        for engine in states:
+            res, grads[engine] = run(layer, engine, x, every_step_loss(r), states[engine])
+            states[engine] = res.state
+        for name in grads["reference"]:
+            torch.testing.assert_close(grads["sparse"][name], grads["reference"][name],
+                                       rtol=1e-10, atol=1e-10)
+
+
+def test_input_gradient_flows_to_an_embedding():
+    """An embedding before the layer (language modelling) gets the same gradient."""
+    T, B, V = 15, 3, 7
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(V, 4).double()
+    layer = make_sab(4, 5, k_trunc=3, k_top=2, k_att=2, num_layers=2)
+    tokens = torch.randint(0, V, (T, B))
+    r = torch.randn(T, B, 5, dtype=torch.float64)
+    out = {}
+    for engine in ("reference", "sparse"):
+        emb.zero_grad()
+        layer.zero_grad()
+        forward_backward(layer, emb(tokens), every_step_loss(r), engine=engine)
+        out[engine] = emb.weight.grad.clone()
+    torch.testing.assert_close(out["sparse"], out["reference"], rtol=1e-10, atol=1e-12)
+
+
+def test_loss_at_the_end_skips_blocks():
+    """Only blocks that hold the loss or credited memories are recomputed, and they are exactly
+    the blocks in which the reference engine's backward sends non-zero credit to the input."""
+    T, B = 60, 1
+    layer = make_sab(2, 4, k_trunc=3, k_top=1, k_att=3, seed=11)
+    x = torch.randn(T, B, 2, dtype=torch.float64)
+    r = torch.randn(T, B, 4, dtype=torch.float64)
+    res, _ = run(layer, "sparse", x, last_step_loss(r, T))
+    xg = x.clone().requires_grad_()
+    out, _, (rec,) = layer(xg, return_attention=True)
+    (out[-1] * r[-1]).sum().backward()
+    blocks_with_credit = {t // 3 for t in range(T) if xg.grad[t].abs().sum() > 0}
+    assert res.stats["steps_backpropagated"] == 3 * len(blocks_with_credit)
+    assert res.stats["blocks_skipped"] == T // 3 - len(blocks_with_credit)
+
+
+def test_sparse_engine_rejects_baselines_and_batch_first():
+    x = torch.randn(5, 2, 3)
+    with pytest.raises(ValueError, match="sparse engine runs SABLSTM"):
+        forward_backward(sab.LSTM(3, 4), x, lambda s, e, o, m: o.sum(), engine="sparse")
+    with pytest.raises(ValueError, match="time-major"):
+        forward_backward(sab.SABLSTM(3, 4, k_trunc=2, k_top=1, k_att=1, batch_first=True), x,
+                         lambda s, e, o, m: o.sum(), engine="sparse")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        forward_backward(sab.LSTM(3, 4), x, lambda s, e, o, m: o.sum(), engine="fast")
+
+
+@pytest.mark.parametrize("model", ["lstm", "tbptt", "selfattn", "sab"])
+def test_reference_engine_runs_every_model(model):
+    kw = dict(sab=dict(k_trunc=3, k_top=2, k_att=2), tbptt=dict(k_trunc=3)).get(model, {})
+    torch.manual_seed(0)
+    rnn = sab.build_rnn(model, 3, 4, **kw)
+    res = forward_backward(rnn, torch.randn(9, 2, 3), lambda s, e, o, m: (o + m).pow(2).mean())
+    assert res.loss.ndim == 0 and not res.state.h.requires_grad
+    assert all(p.grad is not None for p in rnn.parameters())
