@@ -4,7 +4,7 @@ Pure functions of tensors and modules; the layer (``sab.layer``) loops them over
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -12,7 +12,7 @@ from torch import Tensor
 from .memory import MemoryBank
 from .sparsifier import threshold_weights
 
-__all__ = ["lstm_pointwise", "attend", "Attention"]
+__all__ = ["lstm_pointwise", "attend", "Attention", "Selection"]
 
 
 def lstm_pointwise(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
@@ -23,13 +23,21 @@ def lstm_pointwise(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     return h, c
 
 
+class Selection(NamedTuple):
+    """What the ranking of one step chose: replayed when the sparse engine recomputes a block."""
+    top: Tensor  # (B, k+1)  the k_top best scores and δ, sorted
+    slots: Tensor  # (B, k)  slots of the k_top best memories
+
+
 class Attention(NamedTuple):
     summary: Tensor  # (B, H)  s(t)
     weights: Tensor  # (B, m)  weights of the read memories
     slots: Tensor  # (B, m)  their slots in the bank
+    selection: Optional[Selection]  # None when every memory was read (n <= k_top, dense)
 
 
-def attend(scorer, h_hat: Tensor, bank: MemoryBank, k_top: int, dense: bool = False) -> Attention:
+def attend(scorer, h_hat: Tensor, bank: MemoryBank, k_top: int, dense: bool = False,
+           selection: Optional[Selection] = None) -> Attention:
     """Summary ``s(t) = Σ_i w_i m_i`` over the memory (SPEC §2.3–2.5).
 
     Sparse (``dense=False``) with ``n > k_top``: every memory is scored without a graph (the scores
@@ -37,6 +45,8 @@ def attend(scorer, h_hat: Tensor, bank: MemoryBank, k_top: int, dense: bool = Fa
     δ), the ``k_top`` best are gathered from the bank and re-scored with a graph, so the forward
     and backward cost of the summary is O(B·k_top·H) and credit flows to those memories alone.
     ``n ≤ k_top`` or ``dense=True`` (the self-attention baseline): softmax over all ``n``.
+    ``selection``: the ranking this step made before (the sparse engine's recomputation replays
+    it instead of scoring every memory again).
     """
     start, stop = bank.window()
     n = stop - start
@@ -45,15 +55,17 @@ def attend(scorer, h_hat: Tensor, bank: MemoryBank, k_top: int, dense: bool = Fa
         values, keys = bank.gather_all()  # (B, n, H), (B, n, d_k)
         weights = torch.softmax(scorer.scores(query, keys), dim=-1)  # (B, n)
         slots = torch.arange(start, stop, device=h_hat.device).expand(h_hat.shape[0], -1)
+        selection = None
     else:
-        with torch.no_grad():
-            ranked = scorer.scores(query, bank.keys[:, start:stop])  # (B, n)
-            top, slots = ranked.topk(k_top + 1, dim=-1)  # (B, k+1), sorted
-        slots = slots[:, :k_top] + start  # (B, k)
+        if selection is None:
+            with torch.no_grad():
+                top, slots = scorer.rank(query, bank.keys[:, start:stop], k_top + 1)  # (B, k+1)
+            selection = Selection(top, slots[:, :k_top] + start)
+        top, slots = selection  # (B, k+1), (B, k)
         values, keys = bank.gather(slots)  # (B, k, H), (B, k, d_k)
         scores = scorer.scores(query, keys)  # (B, k) with graph
         # Forward values exactly those that were ranked; gradient of the re-scored ones.
         scores = scores - scores.detach() + top[:, :k_top]
         weights = threshold_weights(scores, top[:, k_top])  # (B, k), δ stop-gradient
     summary = (weights.unsqueeze(1) @ values).squeeze(1)  # (B, 1, m) @ (B, m, H) -> (B, H)
-    return Attention(summary, weights, slots)
+    return Attention(summary, weights, slots, selection)

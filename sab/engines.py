@@ -87,6 +87,7 @@ class _LayerPlan:
     mask: Optional[Tensor]  # (T, B, I_l) dropout scale applied to the input, or None
     store: Optional["MemoryBank"]  # linear bank: every memory visible during the chunk
     boundaries: list  # [Boundary], one per block, in time order
+    selections: list  # [Selection or None] the ranking of every step that attended
 
 
 def _block_has_loss(loss_fn, start: int, stop: int) -> bool:
@@ -145,10 +146,10 @@ def sparse(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
                 mask = torch.bernoulli(torch.full_like(layer_in, keep)) / keep  # (T, B, H)
                 layer_in = layer_in * mask
             store = _linear_store(layer, l, st.memory[l], T, B, x) if layer.attends else None
-            boundaries: list = []
+            boundaries, selections = [], []
             out, h, c, rec = layer._run_layer(l, layer_in, st.h[l], st.c[l], store, st.step,
-                                              return_attention, boundaries)
-            plans.append(_LayerPlan(layer_in, mask, store, boundaries))
+                                              return_attention, boundaries, selections)
+            plans.append(_LayerPlan(layer_in, mask, store, boundaries, selections))
             hs.append(h)
             cs.append(c)
             records.append(rec)
@@ -170,9 +171,12 @@ def sparse(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
                            store.keys.new_zeros(B, n_rows, store.key_size))
         want_in = l > 0 or need_input_grad
         grad_in = torch.zeros_like(plan.inputs) if want_in else None
-        stops = [b.t for b in plan.boundaries[1:]] + [T]
-        end_ids = [b.next_id for b in plan.boundaries[1:]] + [0 if store is None else store.next_id]
-        for bnd, stop, end_id in reversed(list(zip(plan.boundaries, stops, end_ids))):
+        nxt = plan.boundaries[1:]
+        stops = [b.t for b in nxt] + [T]
+        end_ids = [b.next_id for b in nxt] + [0 if store is None else store.next_id]
+        sel_ends = [b.selection_index for b in nxt] + [len(plan.selections)]
+        for bnd, stop, end_id, sel_end in reversed(list(zip(plan.boundaries, stops, end_ids,
+                                                            sel_ends))):
             start = bnd.t
             if l == L - 1:
                 has_loss = _block_has_loss(loss_fn, start, stop)
@@ -191,7 +195,8 @@ def sparse(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
                                       bnd.count, bnd.head, bnd.next_id, store.max_memories,
                                       graph, x.new_zeros((), requires_grad=True), linear=True)
                 out, _, _, rec = layer._run_layer(l, inp, bnd.h, bnd.c, bank, st.step + start,
-                                                  l == L - 1)
+                                                  l == L - 1, replay=iter(plan.selections[
+                                                      bnd.selection_index:sel_end]))
                 roots, grads = [], []
                 if l == L - 1:
                     loss = loss_fn(start, stop, out, rec.summary) if has_loss else None

@@ -267,11 +267,14 @@ class SABLSTM(RecurrentLayerBase):
         return output, new_state
 
     def _run_layer(self, layer: int, x: Tensor, h: Tensor, c: Tensor, bank: Optional[MemoryBank],
-                   step0: int, record: bool, boundaries: Optional[list] = None):
+                   step0: int, record: bool, boundaries: Optional[list] = None,
+                   selections: Optional[list] = None, replay=None):
         """One layer over the whole chunk: x (T, B, I) -> outputs (T, B, H).
 
-        ``boundaries``, if given, receives a :class:`Boundary` at the start of every truncation
-        block (and at step 0): what the sparse engine needs to recompute the block later.
+        What the sparse engine needs to recompute a block later: ``boundaries``, if given,
+        receives a :class:`Boundary` at the start of every truncation block (and at step 0), and
+        ``selections`` the ranking of every step that attended; ``replay`` (an iterator over such
+        rankings) makes a recomputation reuse them instead of scoring every memory again.
         """
         w_ih, w_hh, b_ih, b_hh = self.cell_weights(layer)
         x_proj = F.linear(x, w_ih, b_ih + b_hh)  # (T, B, 4H): input projection of every step
@@ -285,10 +288,14 @@ class SABLSTM(RecurrentLayerBase):
             if cut:
                 h, c = h.detach(), c.detach()  # block truncation (SPEC §3)
             if exists(boundaries) and (cut or t == 0):
-                boundaries.append(Boundary.at(t, h, c, bank))
+                boundaries.append(Boundary.at(t, h, c, bank,
+                                              len(selections) if exists(selections) else 0))
             h_hat, c = lstm_pointwise(torch.addmm(xp_t, h, w_hh_t), c)  # (B, H)
             if exists(scorer) and bank.count > 0:
-                att = attend(scorer, h_hat, bank, self.k_top, self.dense)
+                att = attend(scorer, h_hat, bank, self.k_top, self.dense,
+                             next(replay) if exists(replay) else None)
+                if exists(selections):
+                    selections.append(att.selection)
                 h = h_hat + att.summary  # (B, H)
                 if exists(rec):
                     rec.add(att, bank)
@@ -305,7 +312,8 @@ class SABLSTM(RecurrentLayerBase):
 
 class Boundary(NamedTuple):
     """The start of a truncation block: its first step (in the chunk), the (detached) state
-    entering it, and the memory window then (linear bank: head, count, next_id)."""
+    entering it, the memory window then (linear bank: head, count, next_id), and how many
+    rankings had been logged before it."""
 
     t: int
     h: Tensor  # (B, H)
@@ -313,12 +321,14 @@ class Boundary(NamedTuple):
     head: int
     count: int
     next_id: int
+    selection_index: int
 
     @classmethod
-    def at(cls, t: int, h: Tensor, c: Tensor, bank: Optional[MemoryBank]) -> "Boundary":
+    def at(cls, t: int, h: Tensor, c: Tensor, bank: Optional[MemoryBank],
+           selection_index: int = 0) -> "Boundary":
         if bank is None:
-            return cls(t, h, c, 0, 0, 0)
-        return cls(t, h, c, bank.head, bank.count, bank.next_id)
+            return cls(t, h, c, 0, 0, 0, selection_index)
+        return cls(t, h, c, bank.head, bank.count, bank.next_id, selection_index)
 
 
 class _Recorder:

@@ -42,6 +42,10 @@ class MLPScorer(nn.Module):
         hidden = torch.tanh(query.unsqueeze(1) + keys)  # (B, n, d_att)
         return hidden @ self.v  # (B, n)
 
+    def rank(self, query: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The ``k`` best scores and their positions, without graph: (B, k), (B, k)."""
+        return self.scores(query, keys).topk(k, dim=-1)
+
 
 class ReleaseScorer(nn.Module):
     """The release's ``u·tanh(ĥ) + w·tanh(m_i) + b`` (SPEC §8.2). For comparison only."""
@@ -62,6 +66,9 @@ class ReleaseScorer(nn.Module):
 
     def scores(self, query: Tensor, keys: Tensor) -> Tensor:
         return query + keys.squeeze(-1)  # (B, 1) + (B, n) -> (B, n)
+
+    def rank(self, query: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        return self.scores(query, keys).topk(k, dim=-1)
 
 
 SCORERS = {"mlp": MLPScorer, "release": ReleaseScorer}
