@@ -161,8 +161,11 @@ class SABLSTM(RecurrentLayerBase):
         att_hidden: hidden width d_att of the MLP scorer (default ``hidden_size``).
         max_memories: keep at most this many memories per layer; a write to a full memory evicts
             the oldest one (for endless streams). ``None``: unbounded.
-        scorer: ``"mlp"`` (SPEC §2.3) or ``"release"`` (the authors' linear scorer, SPEC §8.2 —
-            for comparison only: it ignores the current state).
+        scorer: ``"mlp"`` (SPEC §2.3), ``"dot"`` (a cheaper query-dependent scorer, an option)
+            or ``"release"`` (the authors' linear scorer, SPEC §8.2 — for comparison only: it
+            ignores the current state).
+        fused_scorer: rank the memories with a kernel compiled by ``torch.compile`` (MLP scorer;
+            compiles once per process, worth it at long T where the ranking dominates).
 
     ``output, state = layer(x, state=None)``; ``x`` is (T, B, I), (B, T, I) with batch_first, or
     unbatched (T, I); ``output`` is h(t) of the last layer, (T, B, H).  With
@@ -175,7 +178,8 @@ class SABLSTM(RecurrentLayerBase):
     def __init__(self, input_size: int, hidden_size: int, *, k_trunc: Optional[int], k_top: int,
                  k_att: int, num_layers: int = 1, batch_first: bool = False,
                  att_hidden: Optional[int] = None, max_memories: Optional[int] = None,
-                 dropout: float = 0.0, scorer: str = "mlp", device=None, dtype=None):
+                 dropout: float = 0.0, scorer: str = "mlp", fused_scorer: bool = False,
+                 device=None, dtype=None):
         super().__init__()
         _check_int("input_size", input_size, 1)
         _check_int("hidden_size", hidden_size, 1)
@@ -207,6 +211,10 @@ class SABLSTM(RecurrentLayerBase):
             make_scorer(scorer, H, self.att_hidden) for _ in range(num_layers)) if self.attends \
             else nn.ModuleList()
         self.scorers.to(**kw)
+        self.fused_scorer = bool(fused_scorer)
+        for sc in self.scorers:
+            if hasattr(sc, "fused"):
+                sc.fused = self.fused_scorer
 
     @property
     def attends(self) -> bool:

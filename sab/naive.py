@@ -8,7 +8,7 @@ grow as T² (SPEC §9).  It exists for two reasons:
   shares no code with the layer: the definition, not our own outputs);
 * benchmarks keep it as the "straightforward implementation" baseline.
 
-It reads the parameters of a :class:`sab.SABLSTM` (MLP or release scorer) and implements the same
+It reads the parameters of a :class:`sab.SABLSTM` (MLP, dot or release scorer) and implements the same
 rules — the k_top+1 threshold with stop-gradient, softmax while n ≤ k_top, block truncation, writes
 after ``(t+1) % k_att == 0``, eviction of the oldest memory beyond ``max_memories``.
 """
@@ -30,6 +30,8 @@ def _scores(layer_module, l: int, h_hat: Tensor, mems: Tensor) -> Tensor:
         return torch.tanh(both) @ w + scorer.linear.bias  # (B, n)
     q = h_hat @ scorer.query_proj.weight.t() + scorer.query_proj.bias  # (B, d)
     k = mems @ scorer.key_proj.weight.t()  # (B, n, d), recomputed every step
+    if layer_module.scorer_name == "dot":
+        return (k * q.unsqueeze(1)).sum(-1) / scorer.key_size ** 0.5  # (B, n)
     return torch.tanh(q.unsqueeze(1) + k) @ scorer.v  # (B, n)
 
 

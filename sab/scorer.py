@@ -6,6 +6,8 @@ is written, and cached in the bank — SPEC §2.3), a *query* that depends on ĥ
 
 * ``MLPScorer`` (default, SPEC §2.3): the one-hidden-layer MLP on ``[ĥ; m_i]``,
   ``a_i = v · tanh(W_q ĥ + W_k m_i + b)``; key ``W_k m_i`` (d_att), query ``W_q ĥ + b`` (d_att).
+* ``DotScorer`` (an option, SPEC §9): ``a_i = (W_q ĥ)·(W_k m_i) / √d_att`` — query-dependent like
+  the MLP but scored by one batched matrix product instead of ``n·d_att`` tanh evaluations.
 * ``ReleaseScorer`` (SPEC §8.2, for comparison only): the authors' single linear unit on
   ``tanh([ĥ; m_i])``, ``a_i = u·tanh(ĥ) + w·tanh(m_i) + b``.  The ĥ term is the same for every
   memory, so it cancels in the threshold: the selection ignores the current state.
@@ -17,7 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLPScorer", "ReleaseScorer", "make_scorer", "SCORERS"]
+__all__ = ["MLPScorer", "DotScorer", "ReleaseScorer", "make_scorer", "SCORERS"]
 
 
 class MLPScorer(nn.Module):
@@ -31,6 +33,7 @@ class MLPScorer(nn.Module):
         bound = 1.0 / math.sqrt(att_hidden)
         nn.init.uniform_(self.v, -bound, bound)
         self.key_size = att_hidden
+        self.fused = False
 
     def keys(self, m: Tensor) -> Tensor:
         return self.key_proj(m)  # (B, H) -> (B, d_att)
@@ -43,7 +46,40 @@ class MLPScorer(nn.Module):
         return hidden @ self.v  # (B, n)
 
     def rank(self, query: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """The ``k`` best scores and their positions, without graph: (B, k), (B, k)."""
+        """The ``k`` best scores and their positions, without graph: (B, k), (B, k).
+
+        The dominant cost of SAB at long T: ``B·n·d_att`` tanh per step (SPEC §9).  With
+        ``fused`` set (``SABLSTM(..., fused_scorer=True)``) a kernel compiled by
+        ``torch.compile`` does add, tanh and the dot product in one pass over the keys.
+        """
+        if self.fused:
+            scores = _fused_mlp_scores()(query, keys, self.v)  # (B, n)
+        else:
+            hidden = query.unsqueeze(1) + keys  # (B, n, d_att)
+            scores = hidden.tanh_() @ self.v  # in place: no second (B, n, d_att) buffer
+        return scores.topk(k, dim=-1)
+
+
+class DotScorer(nn.Module):
+    """``a_i = (W_q ĥ + b)·(W_k m_i) / √d_att``: a cheaper query-dependent scorer (an option)."""
+
+    def __init__(self, hidden_size: int, att_hidden: int):
+        super().__init__()
+        self.query_proj = nn.Linear(hidden_size, att_hidden, bias=True)
+        self.key_proj = nn.Linear(hidden_size, att_hidden, bias=False)
+        self.scale = 1.0 / math.sqrt(att_hidden)
+        self.key_size = att_hidden
+
+    def keys(self, m: Tensor) -> Tensor:
+        return self.key_proj(m)  # (B, H) -> (B, d_att)
+
+    def query(self, h_hat: Tensor) -> Tensor:
+        return self.query_proj(h_hat) * self.scale  # (B, H) -> (B, d_att)
+
+    def scores(self, query: Tensor, keys: Tensor) -> Tensor:
+        return (keys @ query.unsqueeze(-1)).squeeze(-1)  # (B, n, d) @ (B, d, 1) -> (B, n)
+
+    def rank(self, query: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
         return self.scores(query, keys).topk(k, dim=-1)
 
 
@@ -71,7 +107,21 @@ class ReleaseScorer(nn.Module):
         return self.scores(query, keys).topk(k, dim=-1)
 
 
-SCORERS = {"mlp": MLPScorer, "release": ReleaseScorer}
+SCORERS = {"mlp": MLPScorer, "dot": DotScorer, "release": ReleaseScorer}
+
+_FUSED = None
+
+
+def _mlp_scores(query: Tensor, keys: Tensor, v: Tensor) -> Tensor:
+    return (torch.tanh(query.unsqueeze(1) + keys) * v).sum(-1)  # (B, n)
+
+
+def _fused_mlp_scores():
+    """``_mlp_scores`` compiled once per process (dynamic shapes: n grows every k_att steps)."""
+    global _FUSED
+    if _FUSED is None:
+        _FUSED = torch.compile(_mlp_scores, dynamic=True)
+    return _FUSED
 
 
 def make_scorer(name: str, hidden_size: int, att_hidden: int) -> nn.Module:

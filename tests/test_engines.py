@@ -37,6 +37,7 @@ CONFIGS = [
     dict(k_trunc=2, k_top=3, k_att=1, num_layers=3, att_hidden=3),
     dict(k_trunc=2, k_top=2, k_att=1, max_memories=3),
     dict(k_trunc=7, k_top=2, k_att=2, scorer="release"),
+    dict(k_trunc=3, k_top=2, k_att=2, scorer="dot"),
     dict(k_trunc=None, k_top=2, k_att=2),
     dict(k_trunc=3, k_top=0, k_att=1),
 ]

@@ -70,7 +70,7 @@ def test_k_top_zero_is_exactly_tbptt(k_trunc, num_layers):
                                        rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("scorer", ["mlp", "release"])
+@pytest.mark.parametrize("scorer", ["mlp", "dot", "release"])
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_nothing_cut_nothing_thresholded_is_the_true_derivative(scorer, num_layers):
     T, B, I, H, k_att = 7, 2, 2, 3, 2
@@ -95,6 +95,7 @@ def test_nothing_cut_nothing_thresholded_is_the_true_derivative(scorer, num_laye
     dict(k_trunc=None, k_top=1, k_att=3),
     dict(k_trunc=2, k_top=2, k_att=1, max_memories=4),
     dict(k_trunc=4, k_top=2, k_att=2, scorer="release"),
+    dict(k_trunc=3, k_top=2, k_att=1, scorer="dot", num_layers=2),
     dict(k_trunc=2, k_top=4, k_att=1, att_hidden=7, num_layers=3),
 ])
 def test_equals_the_definition_outputs_and_gradients(kw):
@@ -156,3 +157,19 @@ def test_attention_depends_on_the_current_state():
                 wb = torch.zeros(B, n, dtype=torch.float64).scatter(1, b.slots, b.weights)
                 changed |= not torch.allclose(wa, wb, atol=1e-12)
         assert changed == should_change, name
+
+
+def test_fused_scorer_equals_eager():
+    """The torch.compile'd ranking kernel selects the same memories with the same scores."""
+    T, B, I, H = 30, 4, 3, 6
+    eager = make_sab(I, H, k_trunc=4, k_top=3, k_att=1)
+    fused = make_sab(I, H, k_trunc=4, k_top=3, k_att=1, fused_scorer=True)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    out_e, _, (rec_e,) = eager(x, return_attention=True)
+    out_f, _, (rec_f,) = fused(x, return_attention=True)
+    assert torch.equal(rec_e.indices, rec_f.indices)
+    torch.testing.assert_close(out_f, out_e, rtol=0, atol=1e-12)
+    out_e.pow(2).sum().backward()
+    out_f.pow(2).sum().backward()
+    for (name, p), q in zip(eager.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-10, msg=name)
