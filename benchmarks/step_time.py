@@ -1,0 +1,61 @@
+"""Training-step time (forward + backward + Adam) of each method against the fused nn.LSTM.
+
+Copying, H=128, B=64, k_trunc=5, k_top=5, k_att=2 (SPEC §9).  Prints milliseconds and ratios to
+the fused nn.LSTM full-BPTT step and to the straightforward implementation ("naive": dense
+attention over all memories, the whole graph kept — the way the authors' code is written).
+
+    python -m benchmarks.step_time                     # T = 100, 200, 1000
+    python -m benchmarks.step_time --T 100 200 --methods lstm sab-sparse naive
+"""
+from __future__ import annotations
+
+import torch
+
+from .common import B, METHODS, base_parser, finish, fmt_table, machine, make_step, timed
+
+DEFAULT_METHODS = ["lstm", "tbptt", "sab-ref", "sab-sparse", "sab-sparse-fused",
+                   "sab-sparse-dot", "naive"]
+
+
+def main(argv=None) -> dict:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--T", type=int, nargs="+", default=[100, 200, 1000])
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=sorted(METHODS))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--naive-max-T", type=int, default=400,
+                   help="skip the naive method above this T (it is quadratic)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
+    times = {}
+    for T in args.T:
+        for name in args.methods:
+            if name == "naive" and T > args.naive_max_T:
+                continue
+            step = make_step(METHODS[name], T, device=args.device)
+            reps = args.repeats if T <= 200 else max(1, args.repeats - 1)
+            times[(name, T)] = timed(step, reps, warmup=1, sync=sync)
+            print(f"  {name:18s} T={T:5d}  {times[(name, T)] * 1e3:9.1f} ms", flush=True)
+    header = ["method"] + [f"T={T} ms" for T in args.T] + [f"T={T} ×lstm" for T in args.T] \
+        + [f"T={T} naive/x" for T in args.T if ("naive", T) in times]
+    rows = []
+    for name in args.methods:
+        row = [name]
+        row += [f"{times[(name, T)] * 1e3:.0f}" if (name, T) in times else "-" for T in args.T]
+        row += [f"{times[(name, T)] / times[('lstm', T)]:.2f}"
+                if (name, T) in times and ("lstm", T) in times else "-" for T in args.T]
+        row += [f"{times[('naive', T)] / times[(name, T)]:.2f}" if (name, T) in times else "-"
+                for T in args.T if ("naive", T) in times]
+        rows.append(row)
+    print(f"\nTraining-step time, copying, B={B}, H=128, k_trunc=5, k_top=5, k_att=2, "
+          f"device {args.device}")
+    print(machine())
+    print(fmt_table(header, rows))
+    results = {"times_s": {f"{n}@{T}": t for (n, T), t in times.items()}}
+    finish(args, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Cell steps the backward pass visits for a loss at the last step (adding task), against T.
+
+The sparse engine recomputes and backpropagates only the blocks that hold the loss or a memory
+with credit (SPEC §4); full BPTT visits all T steps.  Measured on an untrained SAB and on one
+trained for ``--train-steps`` steps on adding at T=``--train-T`` (the attention a trained model
+learns decides how many blocks credit reaches).
+
+    python -m benchmarks.steps_visited --T 200 500 1000 2000
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import sab
+from sab.engines import forward_backward
+from sab.heads import SequenceModel
+from sab.tasks import adding_batch
+
+from .common import base_parser, finish, fmt_table, machine
+
+
+def adding_loss(model, y, T):
+    def loss_fn(start, stop, output, summary):
+        if stop < T:
+            return None
+        pred = model.readout(output[-1:], summary[-1:])[0, :, 0]  # (B,)
+        return F.mse_loss(pred, y)
+    loss_fn.loss_steps = [T - 1]
+    return loss_fn
+
+
+def visited(model, T: int, batch: int, seed: int) -> tuple[float, float]:
+    x, y = adding_batch(T, batch, torch.Generator().manual_seed(seed))
+    model.zero_grad()
+    res = forward_backward(model, x, adding_loss(model, y, T), engine="sparse")
+    return res.stats["steps_backpropagated"], float(res.loss)
+
+
+def main(argv=None) -> dict:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--T", type=int, nargs="+", default=[200, 500, 1000, 2000])
+    p.add_argument("--batch", type=int, default=1, help="sequences per measurement")
+    p.add_argument("--seqs", type=int, default=8, help="measurements averaged per T")
+    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--train-T", type=int, default=200)
+    p.add_argument("--k-trunc", type=int, default=5)
+    p.add_argument("--k-top", type=int, default=5)
+    p.add_argument("--k-att", type=int, default=10)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rnn = sab.SABLSTM(2, 128, k_trunc=args.k_trunc, k_top=args.k_top, k_att=args.k_att)
+    model = SequenceModel(rnn, 1)
+
+    def measure(tag):
+        out = {}
+        for T in args.T:
+            counts = [visited(model, T, args.batch, 1000 + s)[0] for s in range(args.seqs)]
+            out[T] = sum(counts) / len(counts)
+            print(f"  {tag:9s} T={T:5d}  {out[T]:8.1f} steps ({out[T] / T:.1%})", flush=True)
+        return out
+
+    untrained = measure("untrained")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    mse = float("nan")
+    for i in range(args.train_steps):
+        x, y = adding_batch(args.train_T, 32, g)
+        opt.zero_grad()
+        res = forward_backward(model, x, adding_loss(model, y, args.train_T), engine="sparse")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        mse = 0.9 * mse + 0.1 * float(res.loss) if i else float(res.loss)
+    trained = measure("trained")
+    rows = [[T, T, f"{untrained[T]:.0f}", f"{untrained[T] / T:.1%}", f"{trained[T]:.0f}",
+             f"{trained[T] / T:.1%}"] for T in args.T]
+    print(f"\nCell steps backpropagated for a loss at the last step (adding), k_trunc="
+          f"{args.k_trunc}, k_top={args.k_top}, k_att={args.k_att}; trained {args.train_steps} "
+          f"steps at T={args.train_T} (final training MSE {mse:.3f}); mean of {args.seqs} "
+          f"sequences")
+    print(machine())
+    print(fmt_table(["T", "BPTT steps", "SAB untrained", "fraction", "SAB trained", "fraction"],
+                    rows))
+    results = {"untrained": untrained, "trained": trained, "train_mse": mse}
+    finish(args, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()
