@@ -16,7 +16,8 @@ GiB = 2 ** 30
 
 
 def fits(method, T, args) -> tuple[bool, dict]:
-    r = measure(method, T, args.batch, args.k_att, timeout=args.max_seconds * 4)
+    r = measure(method, T, args.batch, args.k_att, timeout=args.max_seconds * 4,
+                device=args.device)
     ok = "peak_bytes" in r and r["peak_bytes"] <= args.budget_gib * GiB
     print(f"  {method:18s} T={T:7d}  "
           f"{r.get('peak_bytes', float('nan')) / 2**20:9.0f} MiB  {r.get('seconds', 0):7.1f} s  "
@@ -59,6 +60,7 @@ def main(argv=None) -> dict:
     p.add_argument("--k-att", type=int, default=10)
     p.add_argument("--max-seconds", type=float, default=300.0)
     p.add_argument("--bisect", type=int, default=2)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     results = {m: longest(m, args) for m in args.methods}
     rows = [[m, ("≥ " if r["bound"] == "time" else "") + str(r["T"]),

@@ -21,21 +21,32 @@ from .common import (METHODS, base_parser, current_rss_bytes, finish, fmt_table,
 GiB = 2 ** 30
 
 
-def child(method: str, T: int, batch: int, k_att: int) -> dict:
+def child(method: str, T: int, batch: int, k_att: int, device: str = "cpu") -> dict:
+    """One training step in this (fresh) process: CPU peak RSS or CUDA allocator peak."""
     torch.set_num_threads(1)
-    step = make_step(METHODS[method], T, batch=batch, k_att=k_att)
-    before = current_rss_bytes()
-    reset_peak_rss()
+    step = make_step(METHODS[method], T, batch=batch, k_att=k_att, device=device)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = current_rss_bytes()
+        reset_peak_rss()
     t0 = time.perf_counter()
     stats = step()
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    return {"method": method, "T": T, "peak_bytes": peak_rss_bytes() - before,
-            "seconds": seconds, "steps_backpropagated": stats.get("steps_backpropagated")}
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
+    return {"method": method, "T": T, "peak_bytes": peak - before, "seconds": seconds,
+            "steps_backpropagated": stats.get("steps_backpropagated")}
 
 
-def measure(method: str, T: int, batch: int, k_att: int, timeout: float = 3600) -> dict:
+def measure(method: str, T: int, batch: int, k_att: int, timeout: float = 3600,
+            device: str = "cpu") -> dict:
     cmd = [sys.executable, "-m", "benchmarks.peak_memory", "--child", method, str(T),
-           "--batch", str(batch), "--k-att", str(k_att)]
+           "--batch", str(batch), "--k-att", str(k_att), "--device", device]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         return {"method": method, "T": T, "error": out.stderr.strip().splitlines()[-1:]}
@@ -49,15 +60,17 @@ def main(argv=None) -> dict:
                    choices=sorted(METHODS))
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--k-att", type=int, default=10)
+    p.add_argument("--device", default="cpu", help="cpu (peak RSS) or cuda (allocator peak)")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "T"), help=argparse_hidden())
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.batch, args.k_att)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.batch, args.k_att,
+                               args.device)))
         return {}
     rows, results = [], []
     for T in args.T:
         for m in args.methods:
-            r = measure(m, T, args.batch, args.k_att)
+            r = measure(m, T, args.batch, args.k_att, device=args.device)
             results.append(r)
             shown = f"{r['peak_bytes'] / 2**20:.0f} MiB" if "peak_bytes" in r else r["error"]
             print(f"  {m:18s} T={T:6d}  {shown}  "
@@ -79,8 +92,9 @@ def main(argv=None) -> dict:
         row += [ratio(m) for m in args.methods if m != "lstm"]
         row += [f"{by.get((m, T), {}).get('seconds', float('nan')):.1f}" for m in args.methods]
         rows.append(row)
-    print(f"\nPeak memory of one training step (RSS above the pre-step level), copying, "
-          f"B={args.batch}, H=128, k_trunc=5, k_top=5, k_att={args.k_att}")
+    what = "CUDA allocator peak" if args.device.startswith("cuda") else "RSS"
+    print(f"\nPeak memory of one training step ({what} above the pre-step level), copying, "
+          f"device {args.device}, B={args.batch}, H=128, k_trunc=5, k_top=5, k_att={args.k_att}")
     print(machine())
     print(fmt_table(header, rows))
     finish(args, {"results": results})
