@@ -250,8 +250,8 @@ def cmd_plot(args) -> int:
 # -- demo ----------------------------------------------------------------------------------------
 
 # Settings found by running them on the 2-core machine (README, "What the demo shows").
-DEMO = {"T": 20, "steps": 2000, "hidden": 64, "batch_size": 64, "lr": 1e-3, "k_trunc": 5,
-        "k_top": 5, "k_att": 2, "eval_every": 250, "one_hot": True}
+DEMO = {"T": 10, "steps": 9000, "hidden": 64, "batch_size": 64, "lr": 1e-3, "clip": 0.0,
+        "k_trunc": 5, "k_top": 5, "k_att": 2, "eval_every": 250, "one_hot": True}
 
 
 def cmd_demo(args) -> int:
@@ -264,7 +264,8 @@ def cmd_demo(args) -> int:
     if args.steps:
         d["steps"] = args.steps
     common = ["--task", "copy", "--T", str(d["T"]), "--hidden", str(d["hidden"]),
-              "--batch-size", str(d["batch_size"]), "--lr", str(d["lr"]), "--k-trunc",
+              "--batch-size", str(d["batch_size"]), "--lr", str(d["lr"]), "--clip", str(d["clip"]),
+              "--k-trunc",
               str(d["k_trunc"]), "--steps", str(d["steps"]), "--eval-every",
               str(d["eval_every"]), "--ckpt-every", str(d["eval_every"]), "--seed",
               str(args.seed), "--threads", "1"]
