@@ -89,9 +89,10 @@ def plot_attention(record, path, sample: int = 0, title: str = "",
         ticks = list(range(0, len(written), max(1, len(written) // 12)))
         ax.set_yticks(ticks)
         ax.set_yticklabels([str(int(written[i])) for i in ticks])
-        for label, step in (marks or {}).items():
-            ax.axvline(step, color="tab:red", lw=0.8, ls="--")
-            ax.text(step, -0.5, label, color="tab:red", fontsize=8, va="bottom")
+        for i, (label, step) in enumerate((marks or {}).items()):
+            ax.axvline(step - 0.5, color="tab:red", lw=0.8, ls="--")
+            ax.text(step - 0.5, -0.5, f" {label}", color="tab:red", fontsize=8, rotation=90,
+                    va="top", ha="right" if i % 2 == 0 else "left")
     ax.set_xlabel("step t (reading)")
     ax.set_ylabel("memory (step that wrote it)")
     ax.set_title(title, fontsize=9)

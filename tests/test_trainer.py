@@ -134,3 +134,16 @@ def test_adding_task_trains():
     trainer = Trainer(cfg)
     last = trainer.run()
     assert last["step"] == 4 and "eval_mse" in last
+
+
+@pytest.mark.slow
+def test_sab_training_is_stable_over_seeds():
+    """Several seeds of SAB on copying stay finite with bounded loss (benchmarks/stability.py
+    runs the SPEC's longer version: T=100, 4000 steps)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("stability", ROOT / "benchmarks" /
+                                                  "stability.py")
+    stability = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stability)
+    assert stability.main(["--seeds", "0", "1", "2", "--steps", "600", "--T", "20",
+                           "--hidden", "32", "--eval-every", "100"]) == 0
