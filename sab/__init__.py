@@ -2,7 +2,8 @@
 
 Layering (each module imports only those above it in this list):
 sparsifier, memory → scorer, cell → state → layer (SABLSTM, the reference engine) → baselines →
-models (build by name).
+models (build by name) → engines → tasks, heads → trainer → plots → cli (``sab`` command).
+The training side is imported on demand: ``from sab.trainer import Trainer``.
 """
 from .baselines import LSTM, SelfAttnLSTM, TBPTTLSTM
 from .layer import SABLSTM

@@ -1,0 +1,334 @@
+"""The ``sab`` command line: train, eval, plot, demo.
+
+    sab train --task copy --model sab --T 100 --k-trunc 5 --k-top 5 --k-att 2 --steps N --out DIR
+    sab eval  --run DIR [--T 200 5000]
+    sab plot  --run DIR
+    sab demo  [--out DIR]                 # SAB and TBPTT side by side on copying, a table, a plot
+
+Every field of the config is a flag of ``sab train``; ``--config FILE`` loads a saved
+``config.json`` and flags given explicitly override its fields.  ``torchrun --nproc-per-node N
+-m sab train ...`` trains data-parallel (see ``sab.trainer``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import List, Optional
+
+from .engines import ENGINES
+from .models import MODELS
+from .tasks import TASKS
+
+__all__ = ["main", "build_parser"]
+
+# flag dest -> (config section, field); task options are validated against the chosen task
+_TASK_FLAGS = {"T": "T", "one_hot": "one_hot", "adding_target": "target",
+               "eval_size": "eval_size", "eval_seed": "eval_seed"}
+_MODEL_FLAGS = {"model": "name", "hidden": "hidden", "num_layers": "num_layers",
+                "k_trunc": "k_trunc", "k_top": "k_top", "k_att": "k_att",
+                "att_hidden": "att_hidden", "scorer": "scorer", "dropout": "dropout"}
+_TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "clip": "clip",
+                "eval_every": "eval_every", "ckpt_every": "ckpt_every",
+                "eval_batch": "eval_batch", "seed": "seed", "engine": "engine",
+                "threads": "threads", "device": "device"}
+
+DRY_RUN = {"steps": 2, "batch_size": 4, "eval_every": 1, "ckpt_every": 2, "eval_batch": 4,
+           "hidden": 8, "T": 10, "eval_size": 4}
+
+
+class CLIError(Exception):
+    """A usage error: printed as ``sab: error: ...`` with exit code 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    value = int(text) if text.lstrip("-").isdigit() else None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS  # unset flags stay unset: defaults come from the config classes
+    g = p.add_argument_group("task")
+    g.add_argument("--task", choices=sorted(TASKS), default=S, help="task (default copy)")
+    g.add_argument("--T", type=_positive_int, default=S,
+                   help="sequence length parameter: copying T (input T+20), adding length")
+    g.add_argument("--one-hot", action="store_true", default=S,
+                   help="copying: feed one-hot symbols instead of the scalar value")
+    g.add_argument("--adding-target", choices=["sum", "mean"], default=S,
+                   help="adding: predict the sum (paper) or the mean (authors' variant)")
+    g.add_argument("--eval-size", type=_positive_int, default=S,
+                   help="sequences in the fixed evaluation set (default 512)")
+    g.add_argument("--eval-seed", type=int, default=S, help="seed of the evaluation set")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=sorted(MODELS), default=S, help="recurrent model (default sab)")
+    g.add_argument("--hidden", type=_positive_int, default=S, help="hidden size (default 128)")
+    g.add_argument("--num-layers", type=_positive_int, default=S)
+    g.add_argument("--k-trunc", type=_positive_int, default=S,
+                   help="sab, tbptt: truncation length (default 5)")
+    g.add_argument("--k-top", type=_nonneg_int, default=S,
+                   help="sab: memories retrieved per step (default 5; 0 = attention off)")
+    g.add_argument("--k-att", type=_positive_int, default=S,
+                   help="sab: write a memory every k_att steps (default 2)")
+    g.add_argument("--att-hidden", type=_positive_int, default=S,
+                   help="sab, selfattn: width of the MLP scorer (default: hidden)")
+    g.add_argument("--scorer", choices=["mlp", "release"], default=S)
+    g.add_argument("--dropout", type=_nonneg_float, default=S, help="between layers")
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=_positive_int, default=S, help="optimizer steps (default 10000)")
+    g.add_argument("--batch-size", type=_positive_int, default=S,
+                   help="global batch (split over processes; default 64)")
+    g.add_argument("--lr", type=_nonneg_float, default=S, help="Adam learning rate (default 1e-3)")
+    g.add_argument("--clip", type=_nonneg_float, default=S,
+                   help="gradient-norm clip (default 1.0; 0: off)")
+    g.add_argument("--eval-every", type=_positive_int, default=S, help="default 200")
+    g.add_argument("--ckpt-every", type=_positive_int, default=S, help="default 200")
+    g.add_argument("--eval-batch", type=_positive_int, default=S)
+    g.add_argument("--seed", type=int, default=S, help="seed of data and initialisation (default 0)")
+    g.add_argument("--engine", choices=sorted(ENGINES), default=S,
+                   help="forward/backward engine (default reference)")
+    g.add_argument("--threads", type=_positive_int, default=S,
+                   help="torch threads on CPU (default 1)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=S)
+    g = p.add_argument_group("run")
+    g.add_argument("--out", required=True, help="run directory (resumed if it holds ckpt.pt)")
+    g.add_argument("--config", help="a saved config.json to start from; flags override it")
+    g.add_argument("--dry-run", action="store_true",
+                   help="the whole path in seconds: tiny model, T, batch and 2 steps")
+    # hidden test hooks
+    g.add_argument("--debug-nan-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--bar-position", type=int, default=0, help=argparse.SUPPRESS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sab", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,plot,demo}")
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a model on a task (resumes from DIR/ckpt.pt)",
+                       description="Train; every config field is a flag. Resumes by itself "
+                                   "when --out holds a checkpoint.")
+    _add_train_flags(p)
+
+    p = sub.add_parser("eval", help="evaluate a trained run, also at other lengths (transfer)")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--T", type=_positive_int, nargs="+", default=None,
+                   help="evaluate at these T (default: the trained T)")
+    p.add_argument("--eval-size", type=_positive_int, default=None)
+    p.add_argument("--eval-batch", type=_positive_int, default=64)
+    p.add_argument("--chunk-len", type=_positive_int, default=1000,
+                   help="steps per window (state carried) for long sequences")
+    p.add_argument("--threads", type=_positive_int, default=None)
+
+    p = sub.add_parser("plot", help="learning curves and attention map of a run (PNG)")
+    p.add_argument("--run", required=True, help="run directory")
+
+    p = sub.add_parser("demo", help="SAB vs TBPTT on copying, side by side (the README's job)")
+    p.add_argument("--out", default="runs/demo", help="directory of the two runs")
+    p.add_argument("--T", type=_positive_int, default=None)
+    p.add_argument("--steps", type=_positive_int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true")
+
+    # --- `sab data ...` (fetch, prepare, check datasets) is registered here by sab.data:
+    # --- add_data_commands(sub)   (wired by the data issue)
+    return parser
+
+
+# -- train ---------------------------------------------------------------------------------------
+
+def resolve_train_config(args: argparse.Namespace):
+    """defaults (component configs) <- --config FILE <- explicit flags (<- --dry-run sizes)."""
+    from .trainer import ConfigError, RunConfig
+
+    given = vars(args)
+    config = RunConfig.load(args.config) if args.config else RunConfig()
+    if "task" in given and given["task"] != config.task:
+        config.task, config.task_options = given["task"], {}
+    if getattr(args, "dry_run", False):
+        for key, value in DRY_RUN.items():
+            given.setdefault(key, value)
+    for dest, name in _TASK_FLAGS.items():
+        if dest in given:
+            config.task_options[name] = given[dest]
+    for dest, name in _MODEL_FLAGS.items():
+        if dest in given:
+            setattr(config.model, name, given[dest])
+    for dest, name in _TRAIN_FLAGS.items():
+        if dest in given:
+            setattr(config.train, name, given[dest])
+    try:
+        return config.resolved()
+    except ConfigError:
+        raise
+    except TypeError as e:  # an option the chosen task does not have
+        raise ConfigError(str(e)) from None
+
+
+def cmd_train(args) -> int:
+    from .trainer import NonFiniteLoss, Trainer, init_distributed_from_env
+
+    config = resolve_train_config(args)
+    init_distributed_from_env()
+    command = " ".join(shlex.quote(a) for a in ["sab"] + sys.argv[1:])
+    trainer = Trainer(config, args.out, command=command, debug_nan_at_step=args.debug_nan_at_step,
+                      progress_position=args.bar_position)
+    try:
+        last = trainer.run()
+    except NonFiniteLoss as e:
+        ckpt = Path(args.out) / "ckpt.pt"
+        kept = f"the last good checkpoint {ckpt} is kept" if ckpt.exists() else \
+            "no checkpoint had been written yet"
+        print(f"sab: error: {e}; training stopped, {kept}", file=sys.stderr)
+        return 3
+    if trainer.rank == 0:
+        print(json.dumps({"run": str(args.out), **last}))
+    return 0
+
+
+# -- eval ----------------------------------------------------------------------------------------
+
+def cmd_eval(args) -> int:
+    import torch
+    from .trainer import load_run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config, task, model, ckpt = load_run(args.run)
+    if args.eval_size:
+        task.config.eval_size = args.eval_size
+    lengths = args.T or [config.task_options["T"]]
+    rows = []
+    for T in lengths:
+        t0 = time.time()
+        metrics = task.evaluate(model, T=T, batch_size=args.eval_batch, chunk_len=args.chunk_len)
+        row = {"step": ckpt["step"], "T": T, "trained_T": config.task_options["T"],
+               "eval_size": task.config.eval_size, **metrics,
+               "seconds": round(time.time() - t0, 2)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(Path(args.run) / "eval.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plots import plot_run
+
+    for path in plot_run(args.run):
+        print(path)
+    return 0
+
+
+# -- demo ----------------------------------------------------------------------------------------
+
+# Settings found by running them on the 2-core machine (README, "What the demo shows").
+DEMO = {"T": 10, "steps": 9000, "hidden": 64, "batch_size": 64, "lr": 1e-3, "clip": 0.0,
+        "k_trunc": 5, "k_top": 5, "k_att": 2, "eval_every": 250, "one_hot": True}
+
+
+def cmd_demo(args) -> int:
+    """Train SAB and TBPTT(k_trunc) on the same copying task in two 1-thread processes side by
+    side, print a table and write SAB's attention map."""
+    out = Path(args.out)
+    d = dict(DEMO)
+    if args.T:
+        d["T"] = args.T
+    if args.steps:
+        d["steps"] = args.steps
+    common = ["--task", "copy", "--T", str(d["T"]), "--hidden", str(d["hidden"]),
+              "--batch-size", str(d["batch_size"]), "--lr", str(d["lr"]), "--clip", str(d["clip"]),
+              "--k-trunc",
+              str(d["k_trunc"]), "--steps", str(d["steps"]), "--eval-every",
+              str(d["eval_every"]), "--ckpt-every", str(d["eval_every"]), "--seed",
+              str(args.seed), "--threads", "1"]
+    if d["one_hot"]:
+        common.append("--one-hot")
+    if args.dry_run:
+        common.append("--dry-run")
+    runs = {"sab": common + ["--model", "sab", "--k-top", str(d["k_top"]), "--k-att",
+                             str(d["k_att"])],
+            "tbptt": common + ["--model", "tbptt"]}
+    t0 = time.time()
+    procs = {}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for i, (name, flags) in enumerate(runs.items()):
+        cmd = [sys.executable, "-m", "sab", "train", *flags, "--out", str(out / name),
+               "--bar-position", str(i)]
+        procs[name] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    results, failed = {}, []
+    for name, proc in procs.items():
+        stdout, _ = proc.communicate()
+        if proc.returncode != 0:
+            failed.append(name)
+            continue
+        results[name] = json.loads(stdout.strip().splitlines()[-1])
+    wall = time.time() - t0
+    if failed:
+        print(f"sab: error: the {', '.join(failed)} run failed (see above)", file=sys.stderr)
+        return 1
+    print(f"\ncopying T={d['T']} (sequences of {d['T'] + 20} steps), {d['steps']} steps, "
+          f"hidden {d['hidden']}, batch {d['batch_size']}, k_trunc {d['k_trunc']}; "
+          f"wall time {wall:.0f} s")
+    print(f"{'model':<26}{'acc (10 digits)':>16}{'CE10':>8}{'CE':>8}")
+    labels = {"sab": f"SAB k_top={d['k_top']} k_att={d['k_att']}",
+              "tbptt": f"TBPTT k_trunc={d['k_trunc']}"}
+    for name, r in results.items():
+        print(f"{labels[name]:<26}{100 * r['eval_acc']:>15.1f}%{r['eval_ce10']:>8.3f}"
+              f"{r['eval_ce']:>8.3f}")
+    from .tasks import CopyingTask
+    print(f"{'no memory (chance)':<26}{12.5:>15.1f}%{2.079:>8.3f}"
+          f"{CopyingTask.no_memory_ce(d['T']):>8.3f}")
+    from .plots import plot_run
+    for name in runs:
+        for path in plot_run(out / name):
+            print(f"wrote {path}")
+    return 0
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .trainer import ConfigError
+
+    handlers = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as e:
+        parser.error(str(e))  # exits with status 2
+    except KeyboardInterrupt:
+        print("sab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Plots of a run directory: learning curves and the attention map (PNG files).
+
+``plot_run(DIR)`` writes
+
+* ``DIR/curves.png`` — training loss, the task's evaluation metrics, and the hidden-state and
+  gradient norms against the step (from ``metrics.jsonl``);
+* ``DIR/attention.png`` — for a model with memory, the sparse attention weights of one evaluation
+  sequence as a heatmap: one row per memory (labelled by the step that wrote it), one column per
+  step, the weight with which that step read that memory (the paper's figure).  On copying, a
+  trained SAB's recall steps (the last 10 columns) read the memories written among the first 10
+  steps, where the digits were.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+__all__ = ["plot_run", "plot_curves", "plot_attention", "attention_matrix"]
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(metrics: List[dict], path, title: str = "") -> Path:
+    """Learning curves from metrics lines; returns the PNG's path."""
+    plt = _pyplot()
+    path = Path(path)
+    keys = [k for k in ("train_loss",) + tuple(sorted({k for m in metrics for k in m
+                                                       if k.startswith("eval_")}))]
+    norms = [k for k in ("h_norm", "c_norm", "grad_norm", "grad_norm_max")
+             if any(m.get(k) is not None for m in metrics)]
+    panels = keys + (["norms"] if norms else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        series = norms if key == "norms" else [key]
+        for k in series:
+            pts = [(m["step"], m[k]) for m in metrics if m.get(k) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=k)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        if key == "norms":
+            ax.set_yscale("log")
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def attention_matrix(record, sample: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(memories × steps) weights of one sequence from an AttentionRecord (time-major), and the
+    write step of each row.  Rows are the memories read at least once, in write order."""
+    w = record.weights[:, sample]  # (T, K)
+    steps = record.memory_steps[:, sample]  # (T, K), -1: padding
+    T = w.shape[0]
+    written = torch.unique(steps[steps >= 0])  # (n,) sorted write steps
+    mat = torch.zeros(len(written), T)  # (n, T)
+    row = torch.searchsorted(written, steps.clamp_min(0))  # (T, K)
+    for t in range(T):
+        keep = steps[t] >= 0
+        mat[row[t, keep], t] += w[t, keep].float()
+    return mat, written
+
+
+def plot_attention(record, path, sample: int = 0, title: str = "",
+                   marks: Optional[dict] = None) -> Path:
+    """Heatmap of ``attention_matrix``; ``marks`` = {label: step} draws guide lines."""
+    plt = _pyplot()
+    path = Path(path)
+    mat, written = attention_matrix(record, sample)
+    fig, ax = plt.subplots(figsize=(8, 6))
+    if mat.numel() == 0:
+        ax.text(0.5, 0.5, "no memory was read", ha="center", va="center")
+    else:
+        im = ax.imshow(mat.numpy(), aspect="auto", cmap="gray_r", interpolation="nearest",
+                       vmin=0, vmax=1, origin="upper",
+                       extent=(-0.5, mat.shape[1] - 0.5, len(written) - 0.5, -0.5))
+        fig.colorbar(im, ax=ax, label="attention weight")
+        ticks = list(range(0, len(written), max(1, len(written) // 12)))
+        ax.set_yticks(ticks)
+        ax.set_yticklabels([str(int(written[i])) for i in ticks])
+        for i, (label, step) in enumerate((marks or {}).items()):
+            ax.axvline(step - 0.5, color="tab:red", lw=0.8, ls="--")
+            ax.text(step - 0.5, -0.5, f" {label}", color="tab:red", fontsize=8, rotation=90,
+                    va="top", ha="right" if i % 2 == 0 else "left")
+    ax.set_xlabel("step t (reading)")
+    ax.set_ylabel("memory (step that wrote it)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_run(run_dir, sample: int = 0) -> List[Path]:
+    """Write the run's curves and (for models with memory) its attention map; return the paths."""
+    from .trainer import METRICS, load_run
+
+    run_dir = Path(run_dir)
+    config, task, model, ckpt = load_run(run_dir)
+    written = []
+    metrics_path = run_dir / METRICS
+    if metrics_path.exists():
+        lines = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+        m = config.model
+        title = (f"{config.task} T={config.task_options.get('T')}  {m.name} H={m.hidden} "
+                 f"k_trunc={m.k_trunc} k_top={m.k_top} k_att={m.k_att}")
+        written.append(plot_curves(lines, run_dir / "curves.png", title))
+    if getattr(model.rnn, "attends", False):
+        generator = task.eval_generator()
+        x, y, _ = task.sample(max(sample + 1, 1), generator)  # (L, b, I)
+        with torch.no_grad():
+            _, _, records = model(x, None, return_attention=True)
+        marks = {}
+        if config.task == "copy":
+            T = config.task_options["T"]
+            marks = {"marker": T + 9, "recall": T + 10}
+        acc = ""
+        if config.task == "copy":
+            logits = model.readout(*_outputs(model, x))
+            acc = f"  (this sequence: {int((logits[-10:, sample].argmax(-1) == y[-10:, sample]).sum())}/10 digits recalled)"
+        written.append(plot_attention(records[-1], run_dir / "attention.png", sample,
+                                      title=f"{model.rnn.__class__.__name__} attention at step "
+                                            f"{ckpt['step']}{acc}", marks=marks))
+    return written
+
+
+@torch.no_grad()
+def _outputs(model, x):
+    out, _, records = model(x, None, return_attention=True)
+    return out, records[-1].summary

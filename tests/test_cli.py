@@ -1,0 +1,122 @@
+"""The ``sab`` command line: dry runs of every task × model, config files, errors, eval and plot."""
+import json
+
+import pytest
+import torch
+
+from sab.cli import main
+from sab.models import MODELS
+from sab.tasks import TASKS
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_dry_run_every_task_and_model(tmp_path, task, model, capsys):
+    assert main(["train", "--task", task, "--model", model, "--dry-run", "--out",
+                 str(tmp_path)]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["step"] == 2
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"]["name"] == model and config["task"]["name"] == task
+    assert (tmp_path / "ckpt.pt").exists() and (tmp_path / "cmd.txt").exists()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3  # steps 0, 1, 2
+
+
+def test_config_file_round_trip_and_override(tmp_path, capsys):
+    a = tmp_path / "a"
+    main(["train", "--dry-run", "--model", "tbptt", "--k-trunc", "4", "--out", str(a)])
+    b = tmp_path / "b"
+    main(["train", "--config", str(a / "config.json"), "--lr", "0.005", "--out", str(b)])
+    cb = json.loads((b / "config.json").read_text())
+    ca = json.loads((a / "config.json").read_text())
+    assert cb["train"]["lr"] == 0.005
+    ca["train"]["lr"] = 0.005
+    assert ca == cb  # everything else came from the file
+
+
+def _error(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--out", "x", "--model", "gru"], "invalid choice: 'gru'"),
+    (["train", "--out", "x", "--k-top", "-1"], "expected an integer >= 0"),
+    (["train", "--out", "x", "--hidden", "0"], "expected an integer >= 1"),
+    (["train", "--out", "x", "--lr", "abc"], "expected a number"),
+    (["train", "--out", "x", "--engine", "warp"], "invalid choice: 'warp'"),
+    (["train", "--out", "x", "--task", "adding", "--one-hot"], "no option one_hot"),
+    (["train", "--out", "x", "--task", "copy", "--adding-target", "mean"], "no option target"),
+    (["train", "--out", "x", "--batch-size", "64", "--lr", "0"], "lr must be > 0"),
+    (["train", "--steps", "3"], "--out"),
+    (["eval", "--run", "/nonexistent/run"], "not a run directory"),
+])
+def test_bad_flags_give_a_clear_error(capsys, argv, message):
+    assert message in _error(capsys, argv)
+
+
+def test_bad_config_files(tmp_path, capsys):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    assert "not valid JSON" in _error(capsys, ["train", "--config", str(bad_json), "--out", "x"])
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"task": {"name": "copy"}, "model": {"hidn": 3}}))
+    err = _error(capsys, ["train", "--config", str(unknown), "--out", "x"])
+    assert "'model' has no field hidn" in err
+    bad_value = tmp_path / "value.json"
+    bad_value.write_text(json.dumps({"task": {"name": "copy"}, "model": {"name": "rnn"}}))
+    assert "model must be one of" in _error(capsys, ["train", "--config", str(bad_value),
+                                                     "--out", "x"])
+    assert "does not exist" in _error(capsys, ["train", "--config", str(tmp_path / "no.json"),
+                                               "--out", "x"])
+
+
+def test_non_finite_loss_exit_code_and_message(tmp_path, capsys):
+    code = main(["train", "--dry-run", "--steps", "6", "--ckpt-every", "2", "--out",
+                 str(tmp_path), "--debug-nan-at-step", "5"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "non-finite training loss (nan) at step 5" in err
+    assert "last good checkpoint" in err
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["step"] == 4
+
+
+def test_eval_at_other_lengths_and_plot(tmp_path, capsys):
+    run = tmp_path / "run"
+    main(["train", "--dry-run", "--model", "sab", "--out", str(run)])
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--T", "10", "40", "--chunk-len", "16"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [r["T"] for r in rows] == [10, 40] and all(r["trained_T"] == 10 for r in rows)
+    assert len((run / "eval.jsonl").read_text().splitlines()) == 2
+    assert main(["plot", "--run", str(run)]) == 0
+    for name in ("curves.png", "attention.png"):
+        assert (run / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, capsys):
+    main(["train", "--dry-run", "--out", str(tmp_path)])
+    err = _error(capsys, ["train", "--dry-run", "--hidden", "9", "--out", str(tmp_path)])
+    assert "model.hidden" in err and "another --out" in err
+
+
+def test_python_dash_m_sab_and_help():
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "sab", "train", "--help"], capture_output=True,
+                         text=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": ""})
+    assert out.returncode == 0
+    for flag in ("--k-trunc", "--k-top", "--k-att", "--batch-size", "--lr", "--clip",
+                 "--hidden", "--seed", "--eval-every", "--engine", "--config", "--dry-run"):
+        assert flag in out.stdout

@@ -1,0 +1,149 @@
+"""Trainer: learning, checkpoints, resume after SIGKILL, non-finite loss."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sab.trainer import (CKPT, METRICS, ModelConfig, NonFiniteLoss, RunConfig, TrainConfig,
+                         Trainer)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(model="lstm", steps=10, **train):
+    train = {"steps": steps, "batch_size": 16, "eval_every": 5, "ckpt_every": 5,
+             "eval_batch": 32, "lr": 3e-3, **train}
+    return RunConfig("copy", {"T": 3, "eval_size": 32},
+                     ModelConfig(name=model, hidden=16, k_trunc=3, k_top=2, k_att=2),
+                     TrainConfig(**train))
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_trainer_reduces_loss_on_tiny_copying():
+    trainer = Trainer(tiny("sab", steps=150, eval_every=50, clip=0.0))
+    trainer.run()
+    first, last = trainer.history[0], trainer.history[-1]
+    assert first["step"] == 0 and last["step"] == 150
+    assert last["eval_ce"] < 0.6 * first["eval_ce"]
+    assert all(torch.isfinite(torch.tensor(m["grad_norm"])) for m in trainer.history[1:])
+    assert {"h_norm", "c_norm", "grad_norm", "grad_norm_max", "train_loss", "time"} <= set(last)
+
+
+def test_checkpoint_round_trip_in_process(tmp_path):
+    """Stopping after 5 steps and resuming gives the same parameters as 10 steps at once."""
+    Trainer(tiny("sab", steps=10), tmp_path / "a").run()
+    Trainer(tiny("sab", steps=5), tmp_path / "b").run()
+    Trainer(tiny("sab", steps=10), tmp_path / "b").run()  # resumes at step 5
+    a = torch.load(tmp_path / "a" / CKPT, weights_only=False)
+    b = torch.load(tmp_path / "b" / CKPT, weights_only=False)
+    assert a["step"] == b["step"] == 10
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+    assert not (tmp_path / "a" / (CKPT + ".tmp")).exists()
+
+
+def _metrics(run):
+    lines = [json.loads(x) for x in (run / METRICS).read_text().splitlines()]
+    for line in lines:
+        line.pop("time")  # wall time differs between runs
+    return lines
+
+
+CMD = ["--task", "copy", "--model", "sab", "--T", "6", "--hidden", "12", "--k-trunc", "3",
+       "--k-top", "2", "--k-att", "2", "--batch-size", "8", "--steps", "150", "--eval-every",
+       "10", "--ckpt-every", "10", "--eval-size", "16", "--threads", "1", "--seed", "5"]
+
+
+def _sab(args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "sab", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
+    """A run killed with SIGKILL after its first checkpoints and restarted with the same command
+    ends bitwise equal (parameters, optimizer, metrics) to a run never interrupted."""
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    proc = _sab(CMD + ["--out", str(killed)])
+    ckpt = killed / CKPT
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait for a checkpoint past step 20, then kill mid-run
+        if ckpt.exists() and (killed / METRICS).exists() and \
+                len((killed / METRICS).read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    step_at_kill = torch.load(ckpt, weights_only=False)["step"]
+    assert 0 < step_at_kill < 150
+    resumed = _sab(CMD + ["--out", str(killed)])
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    ref = _sab(CMD + ["--out", str(whole)])
+    out2, err2 = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err2
+    a = torch.load(ckpt, weights_only=False)
+    b = torch.load(whole / CKPT, weights_only=False)
+    assert a["step"] == b["step"] == 150
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert _metrics(killed) == _metrics(whole)
+    assert len((killed / "cmd.txt").read_text().splitlines()) == 2  # both invocations echoed
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = Trainer(tiny("sab", steps=20), tmp_path, debug_nan_at_step=8)
+    with pytest.raises(NonFiniteLoss, match="at step 8") as info:
+        trainer.run()
+    assert info.value.step == 8
+    ckpt = torch.load(tmp_path / CKPT, weights_only=False)
+    assert ckpt["step"] == 5  # the last checkpoint before the failure, untouched
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    # resuming (without the poison) continues from step 5 to the end
+    Trainer(tiny("sab", steps=20), tmp_path).run()
+    assert torch.load(tmp_path / CKPT, weights_only=False)["step"] == 20
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    from sab.trainer import ConfigError
+    Trainer(tiny("lstm", steps=5), tmp_path).run()
+    with pytest.raises(ConfigError, match="model.name"):
+        Trainer(tiny("tbptt", steps=10), tmp_path).run()
+
+
+def test_adding_task_trains():
+    cfg = RunConfig("adding", {"T": 6, "eval_size": 64},
+                    ModelConfig(name="sab", hidden=8, k_trunc=2, k_top=1, k_att=1),
+                    TrainConfig(steps=4, batch_size=8, eval_every=2, ckpt_every=2))
+    trainer = Trainer(cfg)
+    last = trainer.run()
+    assert last["step"] == 4 and "eval_mse" in last
+
+
+@pytest.mark.slow
+def test_sab_training_is_stable_over_seeds():
+    """Several seeds of SAB on copying stay finite with bounded loss (benchmarks/stability.py
+    runs the SPEC's longer version: T=100, 4000 steps)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("stability", ROOT / "benchmarks" /
+                                                  "stability.py")
+    stability = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stability)
+    assert stability.main(["--seeds", "0", "1", "2", "--steps", "600", "--T", "20",
+                           "--hidden", "32", "--eval-every", "100"]) == 0
