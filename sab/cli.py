@@ -1,4 +1,4 @@
-"""The ``sab`` command line: train, eval, plot, demo.
+"""The ``sab`` command line: train, eval, plot, demo, data.
 
     sab train --task copy --model sab --T 100 --k-trunc 5 --k-top 5 --k-att 2 --steps N --out DIR
     sab eval  --run DIR [--T 200 5000]
@@ -129,7 +129,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sab", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,plot,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,plot,demo,data}")
     sub.required = True
 
     p = sub.add_parser("train", help="train a model on a task (resumes from DIR/ckpt.pt)",
@@ -157,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true")
 
-    # --- `sab data ...` (fetch, prepare, check datasets) is registered here by sab.data:
-    # --- add_data_commands(sub)   (wired by the data issue)
+    from .data.cli import add_data_commands
+    add_data_commands(sub)  # `sab data fetch|prepare|check` (SPEC §10)
     return parser
 
 
@@ -322,6 +322,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     handlers = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "demo": cmd_demo}
     try:
+        if args.command == "data":
+            return args.func(args)
         return handlers[args.command](args)
     except ConfigError as e:
         parser.error(str(e))  # exits with status 2
