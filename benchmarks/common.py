@@ -97,7 +97,7 @@ def make_step(method: Method, T: int, batch: int = B, k_att: int = K_ATT, device
             loss.backward()
             stats = {"steps_backpropagated": L}
         else:
-            res = forward_backward(model, x, loss_fn, engine=method.engine)
+            res = forward_backward(model.rnn, x, loss_fn, engine=method.engine)
             stats = res.stats
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -24,6 +24,7 @@ from typing import List, Optional
 
 from .engines import ENGINES
 from .models import MODELS
+from .scorer import SCORERS
 from .tasks import TASKS
 
 __all__ = ["main", "build_parser"]
@@ -33,7 +34,8 @@ _TASK_FLAGS = {"T": "T", "one_hot": "one_hot", "adding_target": "target",
                "eval_size": "eval_size", "eval_seed": "eval_seed"}
 _MODEL_FLAGS = {"model": "name", "hidden": "hidden", "num_layers": "num_layers",
                 "k_trunc": "k_trunc", "k_top": "k_top", "k_att": "k_att",
-                "att_hidden": "att_hidden", "scorer": "scorer", "dropout": "dropout"}
+                "att_hidden": "att_hidden", "scorer": "scorer", "dropout": "dropout",
+                "fused_scorer": "fused_scorer"}
 _TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "clip": "clip",
                 "eval_every": "eval_every", "ckpt_every": "ckpt_every",
                 "eval_batch": "eval_batch", "seed": "seed", "engine": "engine",
@@ -99,7 +101,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="sab: write a memory every k_att steps (default 2)")
     g.add_argument("--att-hidden", type=_positive_int, default=S,
                    help="sab, selfattn: width of the MLP scorer (default: hidden)")
-    g.add_argument("--scorer", choices=["mlp", "release"], default=S)
+    g.add_argument("--scorer", choices=sorted(SCORERS), default=S,
+                   help="sab, selfattn: mlp (SPEC §2.3, default), dot (cheaper), release "
+                        "(the authors', comparison only)")
+    g.add_argument("--fused-scorer", action="store_true", default=S,
+                   help="sab: rank memories with a torch.compile'd kernel (long T)")
     g.add_argument("--dropout", type=_nonneg_float, default=S, help="between layers")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=_positive_int, default=S, help="optimizer steps (default 10000)")

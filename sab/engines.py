@@ -148,7 +148,8 @@ def sparse(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
             store = _linear_store(layer, l, st.memory[l], T, B, x) if layer.attends else None
             boundaries, selections = [], []
             out, h, c, rec = layer._run_layer(l, layer_in, st.h[l], st.c[l], store, st.step,
-                                              return_attention, boundaries, selections)
+                                              return_attention, boundaries, selections,
+                                              keep_outputs=l < L - 1)
             plans.append(_LayerPlan(layer_in, mask, store, boundaries, selections))
             hs.append(h)
             cs.append(c)

@@ -276,21 +276,22 @@ class SABLSTM(RecurrentLayerBase):
 
     def _run_layer(self, layer: int, x: Tensor, h: Tensor, c: Tensor, bank: Optional[MemoryBank],
                    step0: int, record: bool, boundaries: Optional[list] = None,
-                   selections: Optional[list] = None, replay=None):
+                   selections: Optional[list] = None, replay=None, keep_outputs: bool = True):
         """One layer over the whole chunk: x (T, B, I) -> outputs (T, B, H).
 
         What the sparse engine needs to recompute a block later: ``boundaries``, if given,
         receives a :class:`Boundary` at the start of every truncation block (and at step 0), and
         ``selections`` the ranking of every step that attended; ``replay`` (an iterator over such
-        rankings) makes a recomputation reuse them instead of scoring every memory again.
+        rankings) makes a recomputation reuse them instead of scoring every memory again;
+        ``keep_outputs=False`` returns no outputs (the sparse engine's top layer recomputes them).
         """
         w_ih, w_hh, b_ih, b_hh = self.cell_weights(layer)
-        x_proj = F.linear(x, w_ih, b_ih + b_hh)  # (T, B, 4H): input projection of every step
+        bias = b_ih + b_hh
         w_hh_t = w_hh.t()  # (H, 4H)
         scorer = self.scorers[layer] if self.attends else None
         outs: List[Tensor] = []
         rec = _Recorder(self.k_top) if record else None
-        for t, xp_t in enumerate(x_proj.unbind(0)):  # unbind: no O(T) slicing per step
+        for t, xp_t in enumerate(_projected(x, w_ih, bias)):
             g = step0 + t
             cut = exists(self.k_trunc) and g % self.k_trunc == 0
             if cut:
@@ -313,9 +314,22 @@ class SABLSTM(RecurrentLayerBase):
                     rec.add_empty(h_hat)
             if exists(scorer) and (g + 1) % self.k_att == 0:
                 bank.write(h, scorer.keys(h), g)  # memories keep their graph (SPEC §3)
-            outs.append(h)
-        out = torch.stack(outs)  # (T, B, H)
+            if keep_outputs:
+                outs.append(h)
+        out = torch.stack(outs) if keep_outputs else None  # (T, B, H)
         return out, h, c, (rec.finish(step0) if exists(rec) else None)
+
+
+PROJECTION_SLAB = 256  # steps whose input projection is computed in one matrix product
+
+
+def _projected(x: Tensor, w_ih: Tensor, bias: Tensor):
+    """x W_ihᵀ + b per step, (B, 4H) each, computed a slab of steps at a time: one matrix product
+    per slab, but never the (T, B, 4H) projection of a whole long sequence at once; ``unbind``
+    within a slab (indexing a tensor that requires grad step by step is quadratic, SPEC §9)."""
+    for start in range(0, x.shape[0], PROJECTION_SLAB):
+        slab = F.linear(x[start:start + PROJECTION_SLAB], w_ih, bias)  # (S, B, 4H)
+        yield from slab.unbind(0)
 
 
 class Boundary(NamedTuple):

@@ -181,6 +181,11 @@ class Task:
         raise NotImplementedError
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model lives: evaluation data are generated on the CPU and moved there."""
+    return next(model.parameters()).device
+
+
 def _check_positive(name: str, value, minimum: int = 1) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -263,6 +268,7 @@ class CopyingTask(Task):
         for b0 in range(0, self.config.eval_size, batch_size):
             b = min(batch_size, self.config.eval_size - b0)
             x, y, _ = self.sample(b, generator, T)  # (T+20, b, I), (T+20, b)
+            x, y = x.to(_device_of(model)), y.to(_device_of(model))
             for start, stop, output, summary in _run_chunks(model, x, chunk_len):
                 logits = model.readout(output, summary)  # (w, b, 10)
                 ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
@@ -334,6 +340,7 @@ class AddingTask(Task):
         for b0 in range(0, self.config.eval_size, batch_size):
             b = min(batch_size, self.config.eval_size - b0)
             x, y, _ = self.sample(b, generator, T)  # (T, b, 2), (b,)
+            x, y = x.to(_device_of(model)), y.to(_device_of(model))
             for start, stop, output, summary in _run_chunks(model, x, chunk_len):
                 if stop == T:
                     pred = model.readout(output[-1:], summary[-1:])[0, :, 0]  # (b,)

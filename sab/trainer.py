@@ -83,8 +83,9 @@ class ModelConfig:
     k_top: int = 5  # sab
     k_att: int = 2  # sab
     att_hidden: Optional[int] = None  # sab, selfattn (default: hidden)
-    scorer: str = "mlp"  # sab, selfattn: "mlp" (SPEC §2.3) or "release" (comparison only)
+    scorer: str = "mlp"  # sab, selfattn: "mlp" (SPEC §2.3), "dot", "release" (comparison only)
     dropout: float = 0.0  # between layers
+    fused_scorer: bool = False  # sab: torch.compile'd ranking kernel
 
 
 @dataclass
@@ -187,7 +188,8 @@ def build_model(config: RunConfig, task: Task) -> SequenceModel:
     """The recurrent layer named by ``config.model.name`` with the fields it takes, and the head."""
     m = config.model
     given = {"k_trunc": m.k_trunc, "k_top": m.k_top, "k_att": m.k_att, "num_layers": m.num_layers,
-             "att_hidden": m.att_hidden, "scorer": m.scorer, "dropout": m.dropout}
+             "att_hidden": m.att_hidden, "scorer": m.scorer, "dropout": m.dropout,
+             "fused_scorer": m.fused_scorer}
     takes = set(model_arguments(m.name))
     rnn = build_rnn(m.name, task.input_size, m.hidden,
                     **{k: v for k, v in given.items() if k in takes})

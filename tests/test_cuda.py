@@ -44,9 +44,10 @@ def test_engines_agree_on_cuda_float32():
         layer.zero_grad()
         forward_backward(layer, x, loss_every(r), engine=engine)
         grads[engine] = param_grads(layer)
-    for name in grads["reference"]:
-        torch.testing.assert_close(grads["sparse"][name], grads["reference"][name],
-                                   rtol=1e-5, atol=1e-5, msg=name)
+    for name in grads["reference"]:  # float32, summed in another order: 1e-5 relative (SPEC §4)
+        ref, got = grads["reference"][name], grads["sparse"][name]
+        rel = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+        assert rel < 1e-5, (name, rel)
 
 
 @pytest.mark.parametrize("model", ["sab", "lstm", "tbptt", "selfattn"])
