@@ -4,6 +4,9 @@
     sab eval  --run DIR [--T 200 5000]
     sab plot  --run DIR
     sab demo  [--out DIR]                 # SAB and TBPTT side by side on copying, a table, a plot
+    sab train --task ptb --data-dir ROOT --seq-len 150 --max-memories 300 --out DIR
+    sab train --task fmnist|pfmnist|mnist|pmnist|cifar10 [--dataset mnist5k] --out DIR
+    sab data  fetch|prepare|check NAME    # the datasets (SPEC §10)
 
 Every field of the config is a flag of ``sab train``; ``--config FILE`` loads a saved
 ``config.json`` and flags given explicitly override its fields.  ``torchrun --nproc-per-node N
@@ -31,18 +34,22 @@ __all__ = ["main", "build_parser"]
 
 # flag dest -> (config section, field); task options are validated against the chosen task
 _TASK_FLAGS = {"T": "T", "one_hot": "one_hot", "adding_target": "target",
-               "eval_size": "eval_size", "eval_seed": "eval_seed"}
+               "eval_size": "eval_size", "eval_seed": "eval_seed", "dataset": "dataset",
+               "data_dir": "data_dir", "seq_len": "seq_len", "eval_split": "eval_split",
+               "eval_columns": "eval_columns", "valid_size": "valid_size",
+               "perm_seed": "perm_seed", "reset_memory": "reset_memory"}
 _MODEL_FLAGS = {"model": "name", "hidden": "hidden", "num_layers": "num_layers",
                 "k_trunc": "k_trunc", "k_top": "k_top", "k_att": "k_att",
                 "att_hidden": "att_hidden", "scorer": "scorer", "dropout": "dropout",
-                "fused_scorer": "fused_scorer"}
+                "fused_scorer": "fused_scorer", "max_memories": "max_memories", "embed": "embed"}
 _TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "clip": "clip",
                 "eval_every": "eval_every", "ckpt_every": "ckpt_every",
                 "eval_batch": "eval_batch", "seed": "seed", "engine": "engine",
                 "threads": "threads", "device": "device"}
 
+# --dry-run sizes; the task's own (its ``dry_run``: T, seq_len, eval_size ...) are added
 DRY_RUN = {"steps": 2, "batch_size": 4, "eval_every": 1, "ckpt_every": 2, "eval_batch": 4,
-           "hidden": 8, "T": 10, "eval_size": 4}
+           "hidden": 8, "embed": 8}
 
 
 class CLIError(Exception):
@@ -89,6 +96,25 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-size", type=_positive_int, default=S,
                    help="sequences in the fixed evaluation set (default 512)")
     g.add_argument("--eval-seed", type=int, default=S, help="seed of the evaluation set")
+    g.add_argument("--dataset", default=S,
+                   help="data tasks: the dataset read (mnist, pmnist: mnist or mnist5k; "
+                        "ptb: ptb_char; see `sab data check`)")
+    g.add_argument("--data-dir", default=S,
+                   help="data tasks: the data root (default $SAB_DATA, else ~/.cache/sab)")
+    g.add_argument("--seq-len", type=_positive_int, default=S,
+                   help="ptb, text8: characters per training window (default 150)")
+    g.add_argument("--eval-split", choices=["valid", "test"], default=S,
+                   help="data tasks: the split evaluated during training (default valid)")
+    g.add_argument("--eval-columns", type=_positive_int, default=S,
+                   help="ptb, text8: contiguous columns the evaluation text is read in "
+                        "(default 10)")
+    g.add_argument("--reset-memory", action="store_true", default=S,
+                   help="ptb, text8: empty SAB's memory at every window (h, c still carried)")
+    g.add_argument("--valid-size", type=_positive_int, default=S,
+                   help="image tasks: training images held out for validation "
+                        "(default 5000; mnist5k 400)")
+    g.add_argument("--perm-seed", type=int, default=S,
+                   help="pmnist, pfmnist: seed of the fixed pixel permutation (default 1234)")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=sorted(MODELS), default=S, help="recurrent model (default sab)")
     g.add_argument("--hidden", type=_positive_int, default=S, help="hidden size (default 128)")
@@ -107,6 +133,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fused-scorer", action="store_true", default=S,
                    help="sab: rank memories with a torch.compile'd kernel (long T)")
     g.add_argument("--dropout", type=_nonneg_float, default=S, help="between layers")
+    g.add_argument("--max-memories", type=_positive_int, default=S,
+                   help="sab, selfattn: memories kept per layer, the oldest evicted "
+                        "(default: all; bound it when the state is carried, as in ptb)")
+    g.add_argument("--embed", type=_positive_int, default=S,
+                   help="ptb, text8: embedding size of the input characters (default 64)")
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=_positive_int, default=S, help="optimizer steps (default 10000)")
     g.add_argument("--batch-size", type=_positive_int, default=S,
@@ -148,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--T", type=_positive_int, nargs="+", default=None,
                    help="evaluate at these T (default: the trained T)")
     p.add_argument("--eval-size", type=_positive_int, default=None)
+    p.add_argument("--split", choices=["valid", "test"], default=None,
+                   help="data tasks: the split to evaluate (default: the run's eval_split)")
+    p.add_argument("--data-dir", default=None, help="data tasks: the data root")
     p.add_argument("--eval-batch", type=_positive_int, default=64)
     p.add_argument("--chunk-len", type=_positive_int, default=1000,
                    help="steps per window (state carried) for long sequences")
@@ -179,7 +213,9 @@ def resolve_train_config(args: argparse.Namespace):
     if "task" in given and given["task"] != config.task:
         config.task, config.task_options = given["task"], {}
     if getattr(args, "dry_run", False):
-        for key, value in DRY_RUN.items():
+        task_dry = getattr(TASKS.get(config.task), "dry_run", {})
+        flag = {name: dest for dest, name in _TASK_FLAGS.items()}
+        for key, value in {**DRY_RUN, **{flag[k]: v for k, v in task_dry.items()}}.items():
             given.setdefault(key, value)
     for dest, name in _TASK_FLAGS.items():
         if dest in given:
@@ -223,20 +259,24 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     import torch
-    from .trainer import load_run
+    from .trainer import ConfigError, load_run
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    config, task, model, ckpt = load_run(args.run)
-    if args.eval_size:
-        task.config.eval_size = args.eval_size
-    lengths = args.T or [config.task_options["T"]]
+    overrides = {k: v for k, v in (("data_dir", args.data_dir), ("eval_split", args.split),
+                                   ("eval_size", args.eval_size)) if v is not None}
+    config, task, model, ckpt = load_run(args.run, task_options=overrides)
+    trained_T = config.task_options.get("T")
+    if trained_T is None and args.T:
+        raise ConfigError(f"task {config.task!r} has no length T to change")
+    lengths = args.T or [trained_T]
     rows = []
     for T in lengths:
         t0 = time.time()
         metrics = task.evaluate(model, T=T, batch_size=args.eval_batch, chunk_len=args.chunk_len)
-        row = {"step": ckpt["step"], "T": T, "trained_T": config.task_options["T"],
-               "eval_size": task.config.eval_size, **metrics,
+        where = {"T": T, "trained_T": trained_T} if trained_T is not None else \
+            {"split": task.config.eval_split}
+        row = {"step": ckpt["step"], **where, "eval_size": task.config.eval_size, **metrics,
                "seconds": round(time.time() - t0, 2)}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -324,6 +364,7 @@ def cmd_demo(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .data import DataError
     from .trainer import ConfigError
 
     handlers = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "demo": cmd_demo}
@@ -333,6 +374,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return handlers[args.command](args)
     except ConfigError as e:
         parser.error(str(e))  # exits with status 2
+    except DataError as e:  # a missing or bad data file: the data layer says what to do
+        print(f"sab: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("sab: interrupted", file=sys.stderr)
         return 130

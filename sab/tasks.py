@@ -15,13 +15,19 @@ A task is an object the trainer drives without knowing what it is::
     metrics = task.evaluate(model, T=None)             # {"acc": ..., "ce10": ..., "ce": ...}
 
 ``reset`` says whether the carried recurrent state must be dropped before the chunk (a new batch of
-sequences) or kept (the next window of the same streams, as language modelling will need: the
-trainer then carries ``result.state``, detached, into the next chunk).
+sequences) or kept (the next window of the same streams, as in language modelling: the trainer
+then carries ``result.state``, detached, into the next chunk).  A task whose ``input_vocab`` is set
+yields token ids ``x`` (T, B); the model embeds them (``SequenceModel.encode``).
 
 Copying (paper format), time-major, length T+20::
 
     input : d1 … d10  0 … 0 (T−1 blanks)  9  0 … 0 (10 blanks)      digits d_i uniform in {1..8}
     target: 0 … 0 (T+10 blanks)              d1 … d10
+
+Data-backed tasks read local files through ``sab.data`` (SPEC §10): ``ptb`` and ``text8``
+(character-level language modelling: token-id windows, the state carried between them, bits per
+character) and ``mnist``, ``pmnist``, ``fmnist``, ``pfmnist``, ``cifar10`` (sequential
+classification from the last step, accuracy).
 
 Adding: two inputs per step, a value ~ U[0, 1] and a marker (1 at one step in each half, 0
 elsewhere); the target, read at the last step, is the sum of the two marked values (or their mean,
@@ -38,8 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Chunk", "CopyingTask", "AddingTask", "TASKS", "build_task", "copying_batch",
-           "adding_batch", "derive_seed", "encode_copying", "SyntheticStream"]
+__all__ = ["Chunk", "CopyingTask", "AddingTask", "CharLMTask", "Text8Task",
+           "SequentialImageTask", "TASKS", "build_task", "copying_batch", "adding_batch",
+           "derive_seed", "encode_copying", "SyntheticStream", "WindowStream", "ImageStream"]
 
 N_DIGITS = 10  # digits to copy (SPEC §6)
 N_SYMBOLS = 10  # 0 blank, 1..8 digits, 9 marker
@@ -49,7 +56,7 @@ Readout = Callable[[Tensor, Tensor], Tensor]  # (output, summary) (T, B, H) -> (
 
 
 class Chunk(NamedTuple):
-    x: Tensor  # (T, B, input_size)
+    x: Tensor  # (T, B, input_size), or token ids (T, B) for tasks with an ``input_vocab``
     y: Tensor  # targets, task-specific shape
     reset: bool  # drop the carried state before this chunk
 
@@ -152,16 +159,28 @@ class Task:
     input_size: int
     output_size: int
     main_metric: str  # the metric shown in progress bars and tables
+    input_vocab: Optional[int] = None  # inputs are token ids (T, B) of this many symbols
+    dry_run: Dict[str, object] = {}  # task options of ``sab train --dry-run``
+    carries_state = False  # the stream has chunks with reset=False (the trainer keeps the state)
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()
+        self.validate(self.config)
         self._check()
+
+    @classmethod
+    def validate(cls, config) -> None:
+        """Check the options without touching data (ValueError naming the option)."""
 
     def _check(self) -> None:
         pass
 
     def sample(self, batch: int, generator: torch.Generator, T: Optional[int] = None) -> Chunk:
         raise NotImplementedError
+
+    def carry(self, state):
+        """The part of the state that goes into the next chunk (``reset=False`` tasks)."""
+        return state
 
     def train_stream(self, batch_size: int, seed: int, rank: int = 0,
                      world_size: int = 1) -> SyntheticStream:
@@ -215,6 +234,7 @@ class CopyingTask(Task):
     name = "copy"
     main_metric = "acc"
     output_size = N_SYMBOLS
+    dry_run = {"T": 10, "eval_size": 4}
 
     @dataclass
     class Config:
@@ -301,6 +321,7 @@ class AddingTask(Task):
     main_metric = "mse"
     input_size = 2
     output_size = 1
+    dry_run = {"T": 10, "eval_size": 4}
 
     @dataclass
     class Config:
@@ -349,7 +370,400 @@ class AddingTask(Task):
         return {"mse": sq / n}
 
 
-TASKS = {CopyingTask.name: CopyingTask, AddingTask.name: AddingTask}
+# -- data-backed tasks (SPEC §6, §10) ----------------------------------------------------------
+#
+# They read local files through ``sab.data`` (verified; a missing or bad file raises the data
+# layer's DataError, which says what to put where).  ``data_dir`` is the data root (None:
+# ``$SAB_DATA``, else ``~/.cache/sab``); it may change when a run is resumed.
+
+def _progress(iterable, total: int, desc: str):
+    """tqdm for long evaluations, quiet when stderr is not a terminal."""
+    import sys
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True,
+                disable=not sys.stderr.isatty())
+
+
+def _check_split(value) -> None:
+    if value not in ("valid", "test"):
+        raise ValueError(f"eval_split must be 'valid' or 'test', got {value!r}")
+
+
+def _check_dataset(name: str, kinds: tuple, task: str) -> None:
+    from .data import REGISTRY
+    if name not in REGISTRY or REGISTRY[name].kind not in kinds:
+        known = sorted(n for n, s in REGISTRY.items() if s.kind in kinds)
+        raise ValueError(f"task {task!r} reads one of the datasets {', '.join(known)}; "
+                         f"got dataset {name!r}")
+
+
+class WindowStream:
+    """Training windows of a character stream, in order, the state carried between them (SPEC §6:
+    "contiguous text, state carried across chunks").
+
+    The training split is cut into ``batch_size`` contiguous columns (``sab.data.batchify``) and
+    read down the columns ``seq_len`` rows at a time (``sab.data.iter_windows``)::
+
+        columns (N, B)      window 0        window 1        …   last window (may be shorter)
+        ┌ a g m s ┐         x rows 0..L-1   x rows L..2L-1
+        │ b h n t │         y rows 1..L     y rows L+1..2L      then row 0 again: a new epoch,
+        │ …       │         reset=True      reset=False         reset=True (the state dropped)
+
+    Every chunk but an epoch's first has ``reset=False``: the trainer carries the model's state
+    (h, c and the SAB memory, detached) into it.  ``state_dict`` is the position (row, epoch).
+
+    Data-parallel: the columns are cut for the global batch and each rank keeps its slice of them,
+    so the ranks' windows side by side are the single-process window.
+    """
+
+    def __init__(self, data: Tensor, batch_size: int, seq_len: int, rank: int = 0,
+                 world_size: int = 1):
+        from .data import batchify
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} must be divisible by the number of "
+                             f"processes {world_size}")
+        batched = batchify(data, batch_size)  # (N, B)
+        if batched.shape[0] < 2:
+            raise ValueError(f"the training split ({data.numel()} characters) is too short for "
+                             f"{batch_size} columns")
+        local = batch_size // world_size
+        self.columns = batched[:, rank * local:(rank + 1) * local]  # (N, B / world)
+        self.seq_len = seq_len
+        self.row, self.epoch = 0, 0
+
+    def __iter__(self) -> "WindowStream":
+        return self
+
+    def __next__(self) -> Chunk:
+        from .data import iter_windows
+        if self.row >= self.columns.shape[0] - 1:  # the split is used up: start again
+            self.row, self.epoch = 0, self.epoch + 1
+        x, y = next(iter_windows(self.columns, self.seq_len, self.row))  # (L, b) each
+        reset = self.row == 0
+        self.row += x.shape[0]
+        return Chunk(x, y, reset)
+
+    def state_dict(self) -> dict:
+        return {"row": self.row, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.row, self.epoch = int(state["row"]), int(state["epoch"])
+
+
+class CharLMTask(Task):
+    """Character-level language modelling (SPEC §6): Penn Treebank characters or text8.
+
+    Input: token ids (T, B) — the model embeds them (``SequenceModel.embedding``); target: the next
+    character at every step; loss: mean cross-entropy over the window's T·B predictions (nats).
+    Metric: bits per character on the evaluation split, read once in ``eval_columns`` contiguous
+    columns with the state carried from window to window (as in training, without gradients).
+    The vocabulary is the training split's (``sab.data.CharVocab``).
+
+    SAB's memory grows by one slot every ``k_att`` steps for as long as the state is carried; set
+    the model's ``max_memories`` to bound it (the oldest memory is evicted).  ``max_memories``
+    bounds the count, not the norms: h(t) = ĥ(t) + s(t) is written to memory and s(t) is a convex
+    combination of memories (SPEC §2), so along an unbroken stream the memories' norms can grow
+    step after step — measured on PTB, see the README.  ``reset_memory`` empties the memory at
+    every window (h and c are still carried), which bounds that growth to one window.
+    """
+
+    name = "ptb"
+    main_metric = "bpc"
+    carries_state = True
+    dry_run = {"seq_len": 10, "eval_size": 200}
+
+    @dataclass
+    class Config:
+        dataset: str = "ptb_char"  # ptb_char or text8 (sab.data.REGISTRY)
+        data_dir: Optional[str] = None  # data root (None: $SAB_DATA, else ~/.cache/sab)
+        seq_len: int = 150  # characters per training window (one optimizer step)
+        eval_split: str = "valid"  # valid or test
+        eval_size: Optional[int] = None  # score only the first N characters (None: all)
+        eval_columns: int = 10  # contiguous columns the evaluation split is read in
+        reset_memory: bool = False  # empty SAB's memory at every window (h, c still carried)
+
+    @classmethod
+    def validate(cls, config) -> None:
+        _check_dataset(config.dataset, ("ptb_char", "text8"), cls.name)
+        _check_positive("seq_len", config.seq_len)
+        _check_positive("eval_columns", config.eval_columns)
+        if config.eval_size is not None:
+            _check_positive("eval_size", config.eval_size, 2)
+        _check_split(config.eval_split)
+
+    def _check(self) -> None:
+        from .data import load_char_corpus
+        # text8's 100M characters are held as uint8; windows come out as int64
+        self.corpus = load_char_corpus(self.config.dataset, self.config.data_dir,
+                                       dtype=torch.uint8 if self.config.dataset == "text8"
+                                       else torch.long)
+        self.vocab = self.corpus.vocab
+        self.input_vocab = self.output_size = len(self.vocab)
+        self.input_size = len(self.vocab)  # before the embedding
+
+    def carry(self, state):
+        """The state the next window starts from: all of it, or h and c only (reset_memory)."""
+        if state is None or not self.config.reset_memory:
+            return state
+        return type(state)(state.h, state.c, None, state.step)
+
+    def train_stream(self, batch_size: int, seed: int, rank: int = 0,
+                     world_size: int = 1) -> WindowStream:
+        """The windows in order; ``seed`` does not enter (the text is read as it is)."""
+        return WindowStream(self.corpus.train, batch_size, self.config.seq_len, rank, world_size)
+
+    def eval_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(0)  # unused: the evaluation text is fixed
+
+    def _eval_columns(self) -> Tensor:
+        from .data import batchify
+        data = self.corpus.split(self.config.eval_split)
+        if self.config.eval_size is not None:
+            data = data[:self.config.eval_size + 1]  # N characters scored: N + 1 read
+        columns = min(self.config.eval_columns, data.numel() // 2)
+        if columns < 1:
+            raise ValueError(f"the {self.config.eval_split} split is too short to evaluate")
+        return batchify(data, columns)  # (N, columns)
+
+    def sample(self, batch: int, generator: torch.Generator, T: Optional[int] = None) -> Chunk:
+        """The first window of the evaluation columns (for plots): x, y (L, b) token ids."""
+        from .data import iter_windows
+        columns = self._eval_columns()[:, :batch]  # (N, b)
+        x, y = next(iter_windows(columns, T or self.config.seq_len))  # (L, b) each
+        return Chunk(x, y, True)
+
+    def loss_fn(self, chunk: Chunk, readout: Readout):
+        """Cross-entropy summed over the block / (L·B): additive over blocks, the chunk's loss
+        is the mean CE per character (nats; ``/ ln 2`` for bits)."""
+        y = chunk.y  # (L, B)
+        L, B = y.shape
+
+        def loss(start: int, stop: int, output: Tensor, summary: Tensor) -> Tensor:
+            logits = readout(output, summary)  # (w, B, V)
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                   y[start:stop].reshape(-1), reduction="sum") / (L * B)
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, T: Optional[int] = None, batch_size: int = 128,
+                 chunk_len: int = 1000) -> Dict[str, float]:
+        """Bits per character (and CE in nats) of the evaluation split, read in windows of
+        ``chunk_len`` characters with the state carried: the result does not depend on
+        ``chunk_len`` (nor on ``batch_size``: the columns are ``eval_columns``) — except with
+        ``reset_memory``, where the windows are ``seq_len`` long, as in training."""
+        from .data import bits_per_char, iter_windows
+        columns = self._eval_columns()  # (N, C)
+        if self.config.reset_memory:
+            chunk_len = self.config.seq_len
+        n_windows = -(-(columns.shape[0] - 1) // chunk_len)
+        device = next(model.parameters()).device
+        state, nll, n = None, 0.0, 0
+        for x, y in _progress(iter_windows(columns, chunk_len), n_windows, "eval bpc"):
+            x, y = x.to(device), y.to(device)  # (w, C) each
+            output, state, records = model(x, self.carry(state), return_attention=True)
+            logits = model.readout(output, records[-1].summary)  # (w, C, V)
+            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                   reduction="sum").item()
+            n += y.numel()
+        return {"bpc": bits_per_char(nll, n), "ce": nll / n}
+
+
+class Text8Task(CharLMTask):
+    """Character-level text8 (SPEC §6): 90M / 5M / 5M characters."""
+
+    name = "text8"
+
+    @dataclass
+    class Config(CharLMTask.Config):
+        dataset: str = "text8"
+
+
+class ImageStream:
+    """Endless shuffled training batches of a ``SequentialImages`` (``sab.data.BatchIterator``,
+    epoch after epoch, whole batches only); ``state_dict`` is the exact data position.
+
+    Data-parallel like ``SyntheticStream``: every rank draws the global batch, keeps its slice.
+    """
+
+    def __init__(self, dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        from .data import BatchIterator
+        if batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} must be divisible by the number of "
+                             f"processes {world_size}")
+        if len(dataset) < batch_size:
+            raise ValueError(f"the training split has {len(dataset)} images, fewer than the "
+                             f"batch size {batch_size}")
+        generator = torch.Generator().manual_seed(derive_seed(seed, "train-data"))
+        self.batches = BatchIterator(dataset, batch_size, generator, shuffle=True,
+                                     drop_last=True)
+        self.rank, self.world_size = rank, world_size
+        self._it = None
+
+    def __iter__(self) -> "ImageStream":
+        return self
+
+    def __next__(self) -> Chunk:
+        while True:
+            if self._it is None:
+                self._it = iter(self.batches)
+            try:
+                x, y = next(self._it)  # (T, B, C), (B,)
+                break
+            except StopIteration:  # the epoch is over: the iterator has moved to the next one
+                self._it = None
+        if self.world_size > 1:
+            local = x.shape[1] // self.world_size
+            sl = slice(self.rank * local, (self.rank + 1) * local)
+            x, y = x[:, sl], y[sl]  # (T, B / world, C), (B / world,)
+        return Chunk(x, y, True)
+
+    def state_dict(self) -> dict:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.load_state_dict(state)
+        self._it = None
+
+
+class SequentialImageTask(Task):
+    """Sequential classification (SPEC §6): an image read one pixel per step (MNIST-like: 784
+    steps × 1 value; CIFAR-10: 1024 steps × 3 channels), normalised with the training portion's
+    per-channel statistics; optionally a fixed permutation of the steps from ``perm_seed``
+    (``sab.data.pixel_permutation``).  The class is read from the last step, ``[h(T); s(T)]``;
+    loss: cross-entropy; metrics: accuracy and CE on the validation split — the last
+    ``valid_size`` training images, held out (``sab.data.load_sequential``) — or the test split.
+    """
+
+    name = "mnist"
+    main_metric = "acc"
+    dry_run = {"eval_size": 4}
+
+    @dataclass
+    class Config:
+        dataset: str = "mnist"  # mnist, mnist5k, fashion_mnist, cifar10 (sab.data.REGISTRY)
+        data_dir: Optional[str] = None  # data root (None: $SAB_DATA, else ~/.cache/sab)
+        permuted: bool = False  # permute the pixel order (the same fixed permutation everywhere)
+        perm_seed: int = 1234  # seed of that permutation
+        valid_size: Optional[int] = None  # held-out training images (None: 5000; mnist5k 400)
+        eval_split: str = "valid"  # valid or test
+        eval_size: Optional[int] = None  # evaluate on the first N images (None: all)
+
+    @classmethod
+    def validate(cls, config) -> None:
+        _check_dataset(config.dataset, ("idx", "cifar10"), cls.name)
+        if config.valid_size is not None:
+            _check_positive("valid_size", config.valid_size)
+        if config.eval_size is not None:
+            _check_positive("eval_size", config.eval_size)
+        _check_split(config.eval_split)
+
+    def _check(self) -> None:
+        from .data import load_sequential
+        c = self.config
+        self.splits = load_sequential(c.dataset, c.data_dir, permuted=c.permuted,
+                                      seed=c.perm_seed, valid_size=c.valid_size)
+        train = self.splits["train"]
+        self.input_size, self.output_size = train.C, train.num_classes
+        self.T = train.T
+
+    def train_stream(self, batch_size: int, seed: int, rank: int = 0,
+                     world_size: int = 1) -> ImageStream:
+        return ImageStream(self.splits["train"], batch_size, seed, rank, world_size)
+
+    def eval_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(0)  # unused: the evaluation images are fixed
+
+    def _eval_set(self):
+        data = self.splits[self.config.eval_split]
+        n = len(data) if self.config.eval_size is None else min(len(data), self.config.eval_size)
+        return data, n
+
+    def sample(self, batch: int, generator: torch.Generator, T: Optional[int] = None) -> Chunk:
+        """The first ``batch`` evaluation images (for plots): x (T, b, C), y (b,)."""
+        data, n = self._eval_set()
+        x, y = data.get(torch.arange(min(batch, n)))
+        return Chunk(x, y, True)
+
+    def loss_fn(self, chunk: Chunk, readout: Readout):
+        """Mean CE of the class read at the last step; ``None`` for blocks without it."""
+        T, y = chunk.x.shape[0], chunk.y  # y: (B,)
+
+        def loss(start: int, stop: int, output: Tensor, summary: Tensor) -> Optional[Tensor]:
+            if stop < T:
+                return None
+            logits = readout(output[-1:], summary[-1:])[0]  # (B, classes)
+            return F.cross_entropy(logits, y)
+        loss.loss_steps = (T - 1,)  # the sparse engine recomputes only blocks that need it
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, T: Optional[int] = None, batch_size: int = 128,
+                 chunk_len: int = 1000) -> Dict[str, float]:
+        """Accuracy and mean CE of the class read at the last step, over the evaluation set."""
+        data, n = self._eval_set()
+        device = next(model.parameters()).device
+        correct, ce = 0, 0.0
+        starts = range(0, n, batch_size)
+        for b0 in _progress(starts, len(starts), "eval acc"):
+            x, y = data.get(torch.arange(b0, min(n, b0 + batch_size)))  # (T, b, C), (b,)
+            x, y = x.to(device), y.to(device)
+            for start, stop, output, summary in _run_chunks(model, x, chunk_len):
+                if stop == x.shape[0]:
+                    logits = model.readout(output[-1:], summary[-1:])[0]  # (b, classes)
+                    ce += F.cross_entropy(logits, y, reduction="sum").item()
+                    correct += (logits.argmax(-1) == y).sum().item()
+        return {"acc": correct / n, "ce": ce / n}
+
+
+class MNISTTask(SequentialImageTask):
+    """Pixel-by-pixel MNIST (784 steps); ``dataset="mnist5k"`` reads the 5,000-digit subset."""
+
+    name = "mnist"
+
+
+class PMNISTTask(SequentialImageTask):
+    """Permuted pixel-by-pixel MNIST: one fixed permutation from ``perm_seed``."""
+
+    name = "pmnist"
+
+    @dataclass
+    class Config(SequentialImageTask.Config):
+        permuted: bool = True
+
+
+class FMNISTTask(SequentialImageTask):
+    """Pixel-by-pixel Fashion-MNIST (the same format as MNIST, SPEC §10)."""
+
+    name = "fmnist"
+
+    @dataclass
+    class Config(SequentialImageTask.Config):
+        dataset: str = "fashion_mnist"
+
+
+class PFMNISTTask(SequentialImageTask):
+    """Permuted pixel-by-pixel Fashion-MNIST."""
+
+    name = "pfmnist"
+
+    @dataclass
+    class Config(SequentialImageTask.Config):
+        dataset: str = "fashion_mnist"
+        permuted: bool = True
+
+
+class CIFAR10Task(SequentialImageTask):
+    """Sequential CIFAR-10: 1024 steps of 3 values (the channels of one pixel)."""
+
+    name = "cifar10"
+
+    @dataclass
+    class Config(SequentialImageTask.Config):
+        dataset: str = "cifar10"
+
+
+TASKS = {t.name: t for t in (CopyingTask, AddingTask, CharLMTask, Text8Task, MNISTTask,
+                                 PMNISTTask, FMNISTTask, PFMNISTTask, CIFAR10Task)}
 
 
 def build_task(name: str, **fields_) -> Task:

@@ -86,6 +86,8 @@ class ModelConfig:
     scorer: str = "mlp"  # sab, selfattn: "mlp" (SPEC §2.3), "dot", "release" (comparison only)
     dropout: float = 0.0  # between layers
     fused_scorer: bool = False  # sab: torch.compile'd ranking kernel
+    max_memories: Optional[int] = None  # sab, selfattn: memories kept per layer (None: all)
+    embed: int = 64  # tasks with token inputs (ptb, text8): embedding size
 
 
 @dataclass
@@ -127,11 +129,20 @@ class RunConfig:
             raise ConfigError(f"engine must be one of {sorted(ENGINES)}, got {t.engine!r}")
         if t.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {t.device!r}")
+        try:
+            TASKS[self.task].validate(TASKS[self.task].Config(**options))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         for name in ("steps", "batch_size", "eval_every", "ckpt_every", "eval_batch", "threads",
-                     "hidden", "num_layers", "k_trunc", "k_att"):
+                     "hidden", "num_layers", "k_trunc", "k_att", "embed"):
             value = getattr(t if hasattr(t, name) else m, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if m.max_memories is not None and (not isinstance(m.max_memories, int)
+                                           or isinstance(m.max_memories, bool)
+                                           or m.max_memories < 1):
+            raise ConfigError(f"max_memories must be an integer >= 1 or null, got "
+                              f"{m.max_memories!r}")
         if not isinstance(m.k_top, int) or m.k_top < 0:
             raise ConfigError(f"k_top must be an integer >= 0, got {m.k_top!r}")
         for name, value in (("lr", t.lr), ("clip", t.clip)):
@@ -185,15 +196,17 @@ class RunConfig:
 
 
 def build_model(config: RunConfig, task: Task) -> SequenceModel:
-    """The recurrent layer named by ``config.model.name`` with the fields it takes, and the head."""
+    """The recurrent layer named by ``config.model.name`` with the fields it takes, and the head;
+    an embedding of ``config.model.embed`` dimensions in front when the task feeds token ids."""
     m = config.model
     given = {"k_trunc": m.k_trunc, "k_top": m.k_top, "k_att": m.k_att, "num_layers": m.num_layers,
              "att_hidden": m.att_hidden, "scorer": m.scorer, "dropout": m.dropout,
-             "fused_scorer": m.fused_scorer}
+             "fused_scorer": m.fused_scorer, "max_memories": m.max_memories}
     takes = set(model_arguments(m.name))
-    rnn = build_rnn(m.name, task.input_size, m.hidden,
+    embedding = nn.Embedding(task.input_vocab, m.embed) if task.input_vocab else None
+    rnn = build_rnn(m.name, m.embed if embedding is not None else task.input_size, m.hidden,
                     **{k: v for k, v in given.items() if k in takes})
-    return SequenceModel(rnn, task.output_size)
+    return SequenceModel(rnn, task.output_size, embedding)
 
 
 def _device(name: str) -> torch.device:
@@ -206,14 +219,17 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_run(run_dir, device: str = "cpu"):
-    """(config, task, model with the checkpoint's weights, checkpoint) of a run directory."""
+def load_run(run_dir, device: str = "cpu", task_options: Optional[dict] = None):
+    """(config, task, model with the checkpoint's weights, checkpoint) of a run directory.
+    ``task_options`` override the saved task options (e.g. ``data_dir``, ``eval_split``)."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG).exists():
         raise ConfigError(f"{run_dir} is not a run directory: it has no {CONFIG}")
     if not (run_dir / CKPT).exists():
         raise ConfigError(f"{run_dir} has no checkpoint {CKPT} yet")
-    config = RunConfig.load(run_dir / CONFIG).resolved()
+    config = RunConfig.load(run_dir / CONFIG)
+    config.task_options.update(task_options or {})
+    config = config.resolved()
     task = TASKS[config.task](TASKS[config.task].Config(**config.task_options))
     model = build_model(config, task)
     ckpt = torch.load(run_dir / CKPT, map_location=device, weights_only=False)
@@ -396,8 +412,11 @@ class Trainer:
                 return None if value is None else value * float("nan")
         self.optimizer.zero_grad(set_to_none=True)
         use_ddp = self.ddp is not None and t.engine == "reference"
-        runner = self.ddp if use_ddp else self.model.rnn
-        result = forward_backward(runner, chunk.x, loss_fn, self.state, engine=t.engine)
+        if use_ddp:  # DDP's forward is SequenceModel.forward, which embeds token inputs itself
+            result = forward_backward(self.ddp, chunk.x, loss_fn, self.state, engine=t.engine)
+        else:  # token ids (T, B) -> (T, B, E); the engines send x's gradient to the embedding
+            result = forward_backward(self.model.rnn, self.model.encode(chunk.x), loss_fn,
+                                      self.state, engine=t.engine)
         if self.ddp is not None and not use_ddp:
             _average_gradients(self.params, self.world)
         loss = result.loss.detach().to(torch.float64)
@@ -415,7 +434,10 @@ class Trainer:
                                 f"(loss {loss:.6g})", self.step + 1)
         self.optimizer.step()
         self.step += 1
-        self.state = None if chunk.reset else result.state
+        # the state after this chunk (detached by the engine) goes into the next one, unless the
+        # task never carries it (every chunk is a fresh batch: nothing to keep in checkpoints);
+        # a chunk with reset=True drops it before it runs (above)
+        self.state = self.task.carry(result.state) if self.task.carries_state else None
         h, c = result.state.h, result.state.c  # (L, B, H)
         return {"loss": loss, "grad_norm": grad_norm, "h_norm": h.norm(dim=-1).mean().item(),
                 "c_norm": c.norm(dim=-1).mean().item()}
@@ -506,7 +528,7 @@ def _format_line(line: dict) -> str:
 
 # fields that may change between a run and its resumption (they do not change the computation)
 _RESUMABLE = {("train", "steps"), ("train", "eval_every"), ("train", "ckpt_every"),
-              ("train", "threads"), ("train", "eval_batch")}
+              ("train", "threads"), ("train", "eval_batch"), ("task", "data_dir")}
 
 
 def _check_same_run(saved: RunConfig, new: RunConfig, out: Path) -> None:
@@ -519,5 +541,5 @@ def _check_same_run(saved: RunConfig, new: RunConfig, out: Path) -> None:
                 raise ConfigError(
                     f"{out} holds a run with {section}.{key} = {a[section].get(key)!r}, but this "
                     f"command asks for {b[section].get(key)!r}; resume with the same settings "
-                    f"(only steps, eval_every, ckpt_every, threads, eval_batch may change) or "
+                    f"(only steps, eval_every, ckpt_every, threads, eval_batch, data_dir may change) or "
                     f"choose another --out")
