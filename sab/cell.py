@@ -37,7 +37,7 @@ class Attention(NamedTuple):
 
 
 def attend(scorer, h_hat: Tensor, bank: MemoryBank, k_top: int, dense: bool = False,
-           selection: Optional[Selection] = None) -> Attention:
+           selection: Optional[Selection] = None, eps: float = 0.0) -> Attention:
     """Summary ``s(t) = Σ_i w_i m_i`` over the memory (SPEC §2.3–2.5).
 
     Sparse (``dense=False``) with ``n > k_top``: every memory is scored without a graph (the scores
@@ -66,6 +66,6 @@ def attend(scorer, h_hat: Tensor, bank: MemoryBank, k_top: int, dense: bool = Fa
         scores = scorer.scores(query, keys)  # (B, k) with graph
         # Forward values exactly those that were ranked; gradient of the re-scored ones.
         scores = scores - scores.detach() + top[:, :k_top]
-        weights = threshold_weights(scores, top[:, k_top])  # (B, k), δ stop-gradient
+        weights = threshold_weights(scores, top[:, k_top], eps)  # (B, k), δ stop-gradient
     summary = (weights.unsqueeze(1) @ values).squeeze(1)  # (B, 1, m) @ (B, m, H) -> (B, H)
     return Attention(summary, weights, slots, selection)

@@ -41,7 +41,8 @@ _TASK_FLAGS = {"T": "T", "one_hot": "one_hot", "adding_target": "target",
 _MODEL_FLAGS = {"model": "name", "hidden": "hidden", "num_layers": "num_layers",
                 "k_trunc": "k_trunc", "k_top": "k_top", "k_att": "k_att",
                 "att_hidden": "att_hidden", "scorer": "scorer", "dropout": "dropout",
-                "fused_scorer": "fused_scorer", "max_memories": "max_memories", "embed": "embed"}
+                "fused_scorer": "fused_scorer", "max_memories": "max_memories", "embed": "embed",
+                "att_eps": "att_eps"}
 _TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "clip": "clip",
                 "eval_every": "eval_every", "ckpt_every": "ckpt_every",
                 "eval_batch": "eval_batch", "seed": "seed", "engine": "engine",
@@ -130,6 +131,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scorer", choices=sorted(SCORERS), default=S,
                    help="sab, selfattn: mlp (SPEC §2.3, default), dot (cheaper), release "
                         "(the authors', comparison only)")
+    g.add_argument("--att-eps", type=_nonneg_float, default=S,
+                   help="sab: ε of w = ã/(Σã+ε) (default 0: exact normalisation)")
     g.add_argument("--fused-scorer", action="store_true", default=S,
                    help="sab: rank memories with a torch.compile'd kernel (long T)")
     g.add_argument("--dropout", type=_nonneg_float, default=S, help="between layers")

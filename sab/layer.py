@@ -164,6 +164,10 @@ class SABLSTM(RecurrentLayerBase):
         scorer: ``"mlp"`` (SPEC §2.3), ``"dot"`` (a cheaper query-dependent scorer, an option)
             or ``"release"`` (the authors' linear scorer, SPEC §8.2 — for comparison only: it
             ignores the current state).
+        att_eps: the ε of the paper's ``w = ã / (Σã + ε)`` (SPEC §2.4). ``0`` (default):
+            exact normalisation, weights sum to 1; ``> 0`` bounds the weights' sensitivity to
+            near-ties at the threshold (``∂w/∂a ≲ 2/ε``), at the price of weights summing to
+            slightly less than 1.
         fused_scorer: rank the memories with a kernel compiled by ``torch.compile`` (MLP scorer;
             compiles once per process, worth it at long T where the ranking dominates).
 
@@ -179,7 +183,7 @@ class SABLSTM(RecurrentLayerBase):
                  k_att: int, num_layers: int = 1, batch_first: bool = False,
                  att_hidden: Optional[int] = None, max_memories: Optional[int] = None,
                  dropout: float = 0.0, scorer: str = "mlp", fused_scorer: bool = False,
-                 device=None, dtype=None):
+                 att_eps: float = 0.0, device=None, dtype=None):
         super().__init__()
         _check_int("input_size", input_size, 1)
         _check_int("hidden_size", hidden_size, 1)
@@ -191,6 +195,9 @@ class SABLSTM(RecurrentLayerBase):
         _check_int("max_memories", max_memories, 1, allow_none=True)
         if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        if not (isinstance(att_eps, (int, float)) and att_eps >= 0):
+            raise ValueError(f"att_eps must be a number >= 0, got {att_eps!r}")
+        self.att_eps = float(att_eps)
         if scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {scorer!r}")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
@@ -302,7 +309,7 @@ class SABLSTM(RecurrentLayerBase):
             h_hat, c = lstm_pointwise(torch.addmm(xp_t, h, w_hh_t), c)  # (B, H)
             if exists(scorer) and bank.count > 0:
                 att = attend(scorer, h_hat, bank, self.k_top, self.dense,
-                             next(replay) if exists(replay) else None)
+                             next(replay) if exists(replay) else None, self.att_eps)
                 if exists(selections):
                     selections.append(att.selection)
                 h = h_hat + att.summary  # (B, H)

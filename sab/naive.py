@@ -35,13 +35,15 @@ def _scores(layer_module, l: int, h_hat: Tensor, mems: Tensor) -> Tensor:
     return torch.tanh(q.unsqueeze(1) + k) @ scorer.v  # (B, n)
 
 
-def _weights(scores: Tensor, k_top: int, dense: bool) -> Tensor:
+def _weights(scores: Tensor, k_top: int, dense: bool, eps: float = 0.0) -> Tensor:
     n = scores.shape[-1]
     if dense or n <= k_top:
         return torch.softmax(scores, dim=-1)
     delta = scores.topk(k_top + 1, dim=-1).values[:, -1:].detach()  # (B, 1) stop-gradient
     shifted = torch.relu(scores - delta)  # (B, n)
     total = shifted.sum(-1, keepdim=True)
+    if eps > 0:
+        return shifted / (total + eps)
     return shifted / torch.where(total > 0, total, torch.ones_like(total))
 
 
@@ -74,7 +76,8 @@ def naive_forward(layer, x: Tensor, h0: Optional[Tensor] = None, c0: Optional[Te
             s = torch.zeros_like(h_hat)
             if attends and mems:
                 M = torch.stack(mems, dim=1)  # (B, n, H): O(n) every step
-                w = _weights(_scores(layer, l, h_hat, M), layer.k_top, layer.dense)  # (B, n)
+                w = _weights(_scores(layer, l, h_hat, M), layer.k_top, layer.dense,
+                             layer.att_eps)  # (B, n)
                 s = (w.unsqueeze(-1) * M).sum(1)  # dense sum over all n memories
             h = h_hat + s
             if attends and (g + 1) % layer.k_att == 0:

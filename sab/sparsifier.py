@@ -26,18 +26,22 @@ from torch import Tensor
 __all__ = ["sparsify", "topk_select", "threshold_weights"]
 
 
-def threshold_weights(top: Tensor, delta: Tensor) -> Tensor:
+def threshold_weights(top: Tensor, delta: Tensor, eps: float = 0.0) -> Tensor:
     """Weights of the kept scores ``top`` (..., k) given the threshold ``delta`` (...).
 
-    ``delta`` is detached here: it is a constant for the backward pass (SPEC §2.4).
+    ``delta`` is detached here: it is a constant for the backward pass (SPEC §2.4).  ``eps > 0``
+    gives the paper's ``ã / (Σ ã + ε)``: weights then sum to ``Σã / (Σã + ε)`` and fade out
+    smoothly as the kept scores approach the threshold, which bounds ``∂w/∂a`` by ``~2/ε``.
     """
     shifted = torch.relu(top - delta.detach().unsqueeze(-1))  # (..., k), zero gradient at 0
     total = shifted.sum(-1, keepdim=True)  # (..., 1)
+    if eps > 0:
+        return shifted / (total + eps)
     safe = torch.where(total > 0, total, torch.ones_like(total))
     return shifted / safe  # (..., k), sums to 1 or is all zero
 
 
-def topk_select(scores: Tensor, k_top: int) -> tuple[Tensor, Tensor]:
+def topk_select(scores: Tensor, k_top: int, eps: float = 0.0) -> tuple[Tensor, Tensor]:
     """Sparse form of :func:`sparsify`: the weights and indices of the kept memories.
 
     ``scores`` (..., n) → ``weights`` (..., m), ``indices`` (..., m) with ``m = min(k_top, n)``,
@@ -52,16 +56,16 @@ def topk_select(scores: Tensor, k_top: int) -> tuple[Tensor, Tensor]:
         return torch.softmax(scores, dim=-1), _arange_like(scores)
     values, indices = scores.topk(k_top + 1, dim=-1, sorted=True)  # (..., k+1)
     delta = values[..., k_top]  # (...,) the (k_top+1)-th largest score
-    return threshold_weights(values[..., :k_top], delta), indices[..., :k_top]
+    return threshold_weights(values[..., :k_top], delta, eps), indices[..., :k_top]
 
 
-def sparsify(scores: Tensor, k_top: int) -> Tensor:
+def sparsify(scores: Tensor, k_top: int, eps: float = 0.0) -> Tensor:
     """Dense sparse attention weights over the last dimension (SPEC §2.4).
 
     ``scores`` (..., n) → weights (..., n) with at most ``k_top`` non-zero entries, non-negative,
     summing to 1 (or all zero when the top scores tie with the (k_top+1)-th, see module docs).
     """
-    weights, indices = topk_select(scores, k_top)  # (..., m), (..., m)
+    weights, indices = topk_select(scores, k_top, eps)  # (..., m), (..., m)
     return torch.zeros_like(scores).scatter(-1, indices, weights)  # (..., n)
 
 

@@ -86,6 +86,7 @@ class ModelConfig:
     scorer: str = "mlp"  # sab, selfattn: "mlp" (SPEC §2.3), "dot", "release" (comparison only)
     dropout: float = 0.0  # between layers
     fused_scorer: bool = False  # sab: torch.compile'd ranking kernel
+    att_eps: float = 0.0  # sab: ε of w = ã / (Σã + ε); 0 = exact normalisation
     max_memories: Optional[int] = None  # sab, selfattn: memories kept per layer (None: all)
     embed: int = 64  # tasks with token inputs (ptb, text8): embedding size
 
@@ -201,7 +202,8 @@ def build_model(config: RunConfig, task: Task) -> SequenceModel:
     m = config.model
     given = {"k_trunc": m.k_trunc, "k_top": m.k_top, "k_att": m.k_att, "num_layers": m.num_layers,
              "att_hidden": m.att_hidden, "scorer": m.scorer, "dropout": m.dropout,
-             "fused_scorer": m.fused_scorer, "max_memories": m.max_memories}
+             "fused_scorer": m.fused_scorer, "max_memories": m.max_memories,
+             "att_eps": m.att_eps}
     takes = set(model_arguments(m.name))
     embedding = nn.Embedding(task.input_vocab, m.embed) if task.input_vocab else None
     rnn = build_rnn(m.name, m.embed if embedding is not None else task.input_size, m.hidden,

@@ -96,6 +96,7 @@ def test_nothing_cut_nothing_thresholded_is_the_true_derivative(scorer, num_laye
     dict(k_trunc=2, k_top=2, k_att=1, max_memories=4),
     dict(k_trunc=4, k_top=2, k_att=2, scorer="release"),
     dict(k_trunc=3, k_top=2, k_att=1, scorer="dot", num_layers=2),
+    dict(k_trunc=3, k_top=2, k_att=1, att_eps=0.05),
     dict(k_trunc=2, k_top=4, k_att=1, att_hidden=7, num_layers=3),
 ])
 def test_equals_the_definition_outputs_and_gradients(kw):

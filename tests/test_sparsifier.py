@@ -117,3 +117,16 @@ def test_bad_k_top():
         sparsify(torch.zeros(3), -1)
     with pytest.raises(ValueError, match="k_top"):
         sparsify(torch.zeros(3), 1.5)
+
+
+@given(distinct_scores(min_size=2), st.integers(1, 14), st.floats(1e-6, 1.0))
+def test_paper_epsilon_form(scores, k, eps):
+    """w = ã / (Σã + ε): the same support, weights scaled by Σã / (Σã + ε)."""
+    a = torch.tensor(scores, dtype=torch.float64)
+    exact, with_eps = sparsify(a, k), sparsify(a, k, eps=eps)
+    if len(scores) <= k:
+        torch.testing.assert_close(with_eps, exact)  # softmax: nothing to threshold
+        return
+    shifted = torch.relu(a - a.topk(k + 1).values[-1])
+    torch.testing.assert_close(with_eps, shifted / (shifted.sum() + eps))
+    assert float(with_eps.sum()) <= 1.0
