@@ -33,7 +33,7 @@ def adding_loss(model, y, T):
 def visited(model, T: int, batch: int, seed: int) -> tuple[float, float]:
     x, y = adding_batch(T, batch, torch.Generator().manual_seed(seed))
     model.zero_grad()
-    res = forward_backward(model, x, adding_loss(model, y, T), engine="sparse")
+    res = forward_backward(model.rnn, x, adding_loss(model, y, T), engine="sparse")
     return res.stats["steps_backpropagated"], float(res.loss)
 
 
@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
     for i in range(args.train_steps):
         x, y = adding_batch(args.train_T, 32, g)
         opt.zero_grad()
-        res = forward_backward(model, x, adding_loss(model, y, args.train_T), engine="sparse")
+        res = forward_backward(model.rnn, x, adding_loss(model, y, args.train_T), engine="sparse")
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         mse = 0.9 * mse + 0.1 * float(res.loss) if i else float(res.loss)
