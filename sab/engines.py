@@ -23,6 +23,8 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor, nn
 
+from .layer import SABLSTM
+from .memory import MemoryBank, _Graph
 from .state import AttentionRecord, RecurrentState
 
 __all__ = ["forward_backward", "EngineResult", "ENGINES", "LossFn"]
@@ -75,6 +77,9 @@ def reference(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
 #       this one — when autograd reaches its write (the token chain of sab.memory).
 #   backward(loss of the block), input gradient kept for the layer below.
 #
+# Dropout between layers draws its masks in the forward pass and keeps them, so a recomputed block
+# sees the same mask (the same distribution as the reference engine's F.dropout, other draws).
+#
 # Lower layers are swept the same way, their "loss" being the gradient w.r.t. their outputs that
 # the layer above sent back.  Because blocks interact only through memories (the recurrent path is
 # cut at every boundary), this visits exactly the blocks that the reference engine's backward
@@ -99,7 +104,6 @@ def _block_has_loss(loss_fn, start: int, stop: int) -> bool:
 
 def _linear_store(layer, l: int, carried, T: int, B: int, like: Tensor):
     """An append-only bank holding the carried memories (oldest first) and room for the chunk."""
-    from .memory import MemoryBank
     n_carried = 0 if carried is None else len(carried)
     capacity = n_carried + T // layer.k_att + 1
     store = MemoryBank.empty(B, layer.hidden_size, layer.scorers[l].key_size,
@@ -118,21 +122,19 @@ def _linear_store(layer, l: int, carried, T: int, B: int, like: Tensor):
 def sparse(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
            return_attention: bool = False) -> EngineResult:
     """Sparse backtracking (SPEC §4): recompute only the blocks that hold a loss or credit."""
-    from .layer import SABLSTM
-    from .memory import MemoryBank, _Graph
     layer = _unwrap(model)
     if not isinstance(layer, SABLSTM) or layer.dense:
         raise ValueError(f"the sparse engine runs SABLSTM models; use engine='reference' for "
                          f"{type(layer).__name__}")
     if layer.batch_first:
         raise ValueError("engines take time-major input: build the model with batch_first=False")
+    if torch.is_tensor(x) and x.dim() != 3:
+        raise ValueError("the sparse engine takes batched input (T, B, I)")
     x_in = x
     x, _ = layer._prepare_input(x.detach())  # (T, B, I)
-    if x.dim() != 3 or x_in.dim() != 3:
-        raise ValueError("the sparse engine takes batched input (T, B, I)")
     T, B, _ = x.shape
     st = layer._prepare_state(state, B, True, x).detach()  # each chunk is its own graph
-    L, k_trunc = layer.num_layers, layer.k_trunc
+    L = layer.num_layers
 
     # ---- forward without graph ----------------------------------------------------------------
     plans: List[_LayerPlan] = []
