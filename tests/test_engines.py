@@ -145,3 +145,20 @@ def test_reference_engine_runs_every_model(model):
     res = forward_backward(rnn, torch.randn(9, 2, 3), lambda s, e, o, m: (o + m).pow(2).mean())
     assert res.loss.ndim == 0 and not res.state.h.requires_grad
     assert all(p.grad is not None for p in rnn.parameters())
+
+
+def test_dropout_between_layers():
+    """Eval mode: no dropout, the engines are equal.  Training mode: the sparse engine draws its
+    own masks (other draws than the reference's F.dropout) and trains with finite gradients."""
+    T, B = 14, 2
+    layer = make_sab(3, 4, k_trunc=3, k_top=2, k_att=1, num_layers=2, dropout=0.3)
+    x = torch.randn(T, B, 3, dtype=torch.float64)
+    r = torch.randn(T, B, 4, dtype=torch.float64)
+    layer.eval()
+    _, g_ref = run(layer, "reference", x, every_step_loss(r))
+    _, g_sp = run(layer, "sparse", x, every_step_loss(r))
+    for name in g_ref:
+        torch.testing.assert_close(g_sp[name], g_ref[name], rtol=1e-10, atol=1e-10)
+    layer.train()
+    res, g_train = run(layer, "sparse", x, every_step_loss(r))
+    assert torch.isfinite(res.loss) and all(torch.isfinite(g).all() for g in g_train.values())
