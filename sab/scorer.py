@@ -42,8 +42,9 @@ class MLPScorer(nn.Module):
         return self.query_proj(h_hat)  # (B, H) -> (B, d_att)
 
     def scores(self, query: Tensor, keys: Tensor) -> Tensor:
-        hidden = torch.tanh(query.unsqueeze(1) + keys)  # (B, n, d_att)
-        return hidden @ self.v  # (B, n)
+        # v·tanh(z) written as 2·v·sigmoid(2z) − Σv (the same function, see ``rank``)
+        hidden = torch.sigmoid(2 * (query.unsqueeze(1) + keys))  # (B, n, d_att)
+        return 2 * (hidden @ self.v) - self.v.sum()  # (B, n)
 
     def rank(self, query: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """The ``k`` best scores and their positions, without graph: (B, k), (B, k).
