@@ -157,3 +157,15 @@ def test_cli_repro_list_and_bad_row(tmp_path, capsys):
     assert main(["repro", "run", "no-such-row", "--results", str(tmp_path)]) == 2
     assert main(["repro", "report", "--results", str(tmp_path), "--no-figures"]) == 0
     assert (tmp_path / "README.md").exists()
+
+
+def test_report_updates_the_summary_block_of_a_readme(tmp_path):
+    _fake_run(tmp_path / "results")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- repro-summary -->\nold\n<!-- /repro-summary -->\nrest\n")
+    write_report(tmp_path / "results", figures=False, readme=readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
+    assert "| Copying, T = 100: SAB (k_trunc=5, k_top=5, k_att=2) `copy100-sab-5-5` | 100% (quoted)" \
+        in text
+    assert "`copy100-tbptt-5`" not in text  # rows without data stay in results/README.md only
