@@ -321,7 +321,9 @@ def run_rows(rows: Sequence[Row], results="results", steps: Optional[int] = None
             out.mkdir(parents=True, exist_ok=True)
             hw_path = out / HARDWARE
             hw = json.loads(hw_path.read_text()) if hw_path.exists() else {"sessions": []}
-            session = {"started": _now(), **hardware_info(trainer.device.type, config.train.threads)}
+            before = _read_json(out / STATUS) or {}
+            session = {"started": _now(), "step_at_start": before.get("step", 0),
+                       **hardware_info(trainer.device.type, config.train.threads)}
             hw["sessions"].append(session)
             opts = {k: v for k, v in config.task_options.items() if k in row.task_options}
             log(f"sab repro: {row.name}: {row.label}, {row.task} {opts}, "
