@@ -582,7 +582,9 @@ def write_report(results="results", paper_file=PAPER_FILE, figures: bool = True,
                                  f"`sab repro transfer {name}`) | – | – | – |")
                     else:
                         e = mine[-1]
-                        L.append(f"| {label} | {p} | {_fmt_metric(e.get('acc'), 'acc')} | "
+                        n = e.get("eval_size")
+                        L.append(f"| {label} | {p} | {_fmt_metric(e.get('acc'), 'acc')}"
+                                 f"{f' ({n:,} sequences)' if n else ''} | "
                                  f"checkpoint of step {e['step']:,} / {row.train['steps']:,} | "
                                  f"eval {_fmt_wall(e.get('seconds'))} | "
                                  f"{e.get('hardware', '–')} |")

@@ -82,7 +82,7 @@ def _fake_run(results: Path):
     (run / "hardware.json").write_text(json.dumps({"sessions": [
         {"cpu": "Test CPU 9000", "cores": 2, "threads": 1, "gpu": None, "torch": "2.0"}]}))
     (run / "eval.jsonl").write_text(json.dumps({"step": 400, "T": 5000, "trained_T": 100,
-                                                "acc": 0.3, "seconds": 61}) + "\n")
+                                                "acc": 0.3, "seconds": 61, "eval_size": 64}) + "\n")
     (results / "runs" / "copy100-lstm").mkdir()  # a run directory without any data
 
 
@@ -101,7 +101,7 @@ def test_report_from_a_fake_recorded_run(tmp_path):
     assert "≈98.8% (recalled)" in text
     transfer = next(x for x in text.splitlines()
                     if x.startswith("| SAB (k_trunc=5, k_top=5, k_att=2), T = 100 → 5,000"))
-    assert "≈40% (recalled)" in transfer and "30.0%" in transfer
+    assert "≈40% (recalled)" in transfer and "30.0% (64 sequences)" in transfer
     assert text.count("not run") >= len(ROWS) - 2
     assert (tmp_path / "figures" / "copy100_curves.png").exists()
     assert (tmp_path / "figures" / "transfer.png").exists()
