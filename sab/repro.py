@@ -255,7 +255,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _write_status(trainer, row: Row, planned: int, stopped: Optional[str] = None,
-                  dry_run: bool = False) -> dict:
+                  dry_run: bool = False, diverged_at: Optional[int] = None) -> dict:
     t = trainer.config.train
     status = {"row": row.name, "step": trainer.step, "planned": planned, "target": t.steps,
               "finished": trainer.step >= planned, "wall_s": round(trainer._wall(), 1),
@@ -264,6 +264,8 @@ def _write_status(trainer, row: Row, planned: int, stopped: Optional[str] = None
         status["stopped"] = stopped
     if dry_run:
         status["dry_run"] = True
+    if diverged_at is not None:
+        status["diverged_at"] = diverged_at
     if trainer.step >= planned:  # done: the checkpoint is no longer needed in git
         (trainer.out / ".gitignore").write_text("ckpt.pt\n")
     elif (trainer.out / ".gitignore").exists():
@@ -328,13 +330,14 @@ def run_rows(rows: Sequence[Row], results="results", steps: Optional[int] = None
             opts = {k: v for k, v in config.task_options.items() if k in row.task_options}
             log(f"sab repro: {row.name}: {row.label}, {row.task} {opts}, "
                 f"steps to {config.train.steps} (planned {planned}) in {out}")
-            stopped = None
+            stopped, diverged_at = None, None
             session_index = len(hw["sessions"]) - 1
             _write_json(hw_path, hw)  # now: a killed run still leaves its hardware
             try:
                 last = trainer.run()
             except NonFiniteLoss as e:
-                stopped = f"non-finite loss: {e}"
+                stopped = f"non-finite loss or gradient: {e}"
+                diverged_at = e.step
                 log(f"sab repro: {row.name}: {e}; the last good checkpoint is kept")
                 code = 1
                 last = trainer.history[-1] if trainer.history else {}
@@ -342,14 +345,16 @@ def run_rows(rows: Sequence[Row], results="results", steps: Optional[int] = None
                 log(f"sab repro: {row.name}: {e}")
                 code = 1
                 continue
-            if stop["signal"]:
+            if stopped is not None:
+                pass  # diverged: that is why it stopped
+            elif stop["signal"]:
                 stopped = f"stopped by {stop['signal']}"
             elif deadline is not None and trainer.step < config.train.steps:
                 stopped = "stopped at --max-minutes"
             hw["sessions"][session_index]["ended"] = _now()
             hw["sessions"][session_index]["step_at_end"] = trainer.step
             _write_json(hw_path, hw)
-            status = _write_status(trainer, row, planned, stopped, dry_run)
+            status = _write_status(trainer, row, planned, stopped, dry_run, diverged_at)
             log(f"sab repro: {row.name}: step {status['step']} of {planned} planned"
                 f"{' (finished)' if status['finished'] else ''}, wall {status['wall_s']:.0f} s"
                 f"{', ' + stopped if stopped else ''}; last eval: "
@@ -506,8 +511,8 @@ def _steps(rec: RunRecord, row: Row) -> str:
     text = f"{done:,} / {planned:,}"
     if done < planned:
         text += " (unfinished)"
-    if rec.status and rec.status.get("stopped", "").startswith("non-finite"):
-        text += " (diverged)"
+    if rec.status and rec.status.get("diverged_at"):
+        text += f" (diverged: non-finite gradient at step {rec.status['diverged_at']:,})"
     if rec.status and rec.status.get("dry_run"):
         text += " (dry run: tiny sizes, not the row's config)"
     return text
