@@ -169,3 +169,22 @@ def test_report_updates_the_summary_block_of_a_readme(tmp_path):
     assert "| Copying, T = 100: SAB (k_trunc=5, k_top=5, k_att=2) `copy100-sab-5-5` | 100% (quoted)" \
         in text
     assert "`copy100-tbptt-5`" not in text  # rows without data stay in results/README.md only
+
+
+def test_a_diverged_row_records_where_and_the_report_says_so(tmp_path, monkeypatch):
+    from sab.trainer import NonFiniteLoss
+    original = Trainer.train_step
+
+    def train_step(self):
+        if self.step == 1:
+            raise NonFiniteLoss("non-finite gradient norm (inf) at step 2", 2)
+        return original(self)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    (row,) = select_rows(["copy100-lstm"])
+    assert run_rows([row], tmp_path, steps=3, dry_run=True, plot=False, log=lambda m: None) == 1
+    status = json.loads((tmp_path / "runs" / row.name / "status.json").read_text())
+    assert status["diverged_at"] == 2 and status["step"] == 1
+    assert "non-finite" in status["stopped"]
+    text = write_report(tmp_path, figures=False).read_text()
+    assert "diverged: non-finite gradient at step 2" in \
+        next(x for x in text.splitlines() if "`copy100-lstm`" in x)
