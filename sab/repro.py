@@ -105,7 +105,8 @@ NOTES = [
     "(copying, adding) every 200 steps.",
     f"SAB rows: k_att = {_K_ATT}; ε = {SAB_EPS} in w = ã / (Σã + ε) (SPEC §2.4). With ε = 0 the "
     "copying T=100 SAB (5,5) run had a gradient norm of 2e9 at step 3 and a NaN gradient at "
-    "step 4 (measured); with ε = 0.01 the first 15 steps had gradient norms of 0.5–38.",
+    "step 4 (measured); with ε = 0.01 the first 15 steps had gradient norms of 0.5–38 (whether the run stays finite "
+    "longer is in the table).",
     f"Planned steps: {SYNTHETIC_STEPS:,} for copying and adding (the paper's budget, about 200k); "
     f"{DATA_STEPS:,} for PTB, text8 and permuted MNIST (our choice). PTB and text8: windows of "
     "150 characters, state carried, SAB's memory bounded to 300 slots; the model size is the "
