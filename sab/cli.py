@@ -7,6 +7,7 @@
     sab train --task ptb --data-dir ROOT --seq-len 150 --max-memories 300 --out DIR
     sab train --task fmnist|pfmnist|mnist|pmnist|cifar10 [--dataset mnist5k] --out DIR
     sab data  fetch|prepare|check NAME    # the datasets (SPEC §10)
+    sab repro list|run ROW...|transfer|report   # the paper's tables from recorded runs
 
 Every field of the config is a flag of ``sab train``; ``--config FILE`` loads a saved
 ``config.json`` and flags given explicitly override its fields.  ``torchrun --nproc-per-node N
@@ -170,7 +171,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sab", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,plot,demo,data}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,plot,demo,data,repro}")
     sub.required = True
 
     p = sub.add_parser("train", help="train a model on a task (resumes from DIR/ckpt.pt)",
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .data.cli import add_data_commands
     add_data_commands(sub)  # `sab data fetch|prepare|check` (SPEC §10)
+    from .repro import add_repro_commands
+    add_repro_commands(sub)  # `sab repro list|run|transfer|report` (the paper's tables)
     return parser
 
 
@@ -376,7 +379,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     handlers = {"train": cmd_train, "eval": cmd_eval, "plot": cmd_plot, "demo": cmd_demo}
     try:
-        if args.command == "data":
+        if args.command in ("data", "repro"):
             return args.func(args)
         return handlers[args.command](args)
     except ConfigError as e:

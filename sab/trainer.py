@@ -316,6 +316,9 @@ class Trainer:
         self.metrics_lines = 0  # lines of metrics.jsonl that belong to this run's history
         self.running = self._zero_running()
         self.history: list = []  # the metrics lines (also kept when out_dir is None)
+        # set (e.g. by a signal handler) to end ``run`` after the current step with a checkpoint
+        self.stop_requested = False
+        self.deadline: Optional[float] = None  # time.time() past which ``run`` stops likewise
         self.ddp = None
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -477,7 +480,8 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
         """Train to ``config.train.steps`` (resuming if a checkpoint exists); returns the last
-        metrics line.  Raises NonFiniteLoss (the last good checkpoint is kept)."""
+        metrics line.  Raises NonFiniteLoss (the last good checkpoint is kept).  Setting
+        ``stop_requested`` (or passing ``deadline``) ends the loop early after a checkpoint."""
         from tqdm import tqdm
 
         t = self.config.train
@@ -495,6 +499,13 @@ class Trainer:
         last = self.history[-1] if self.history else {}
         try:
             while self.step < t.steps:
+                if self.stop_requested or (self.deadline is not None
+                                           and time.time() >= self.deadline):
+                    # stop early: the checkpoint holds everything (running sums included), so
+                    # resuming continues exactly as if the run had not stopped
+                    if self.step % t.ckpt_every != 0:
+                        self.save_checkpoint()
+                    break
                 stats = self.train_step()
                 r = self.running
                 r["n"] += 1

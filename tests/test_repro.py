@@ -1,0 +1,190 @@
+"""`sab repro`: the row table, the paper's numbers, running rows (resumable) and the report."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sab.cli import main
+from sab.repro import (PAPER_FILE, ROWS, TRANSFER, TRANSFER_T, paper_numbers, row_config,
+                       run_rows, select_rows, write_report)
+from sab.trainer import Trainer
+
+
+def test_copying_rows_cover_spec_section_7():
+    """Every copying row of SPEC §7 (and the issue's T = 200, 300), with the paper's settings."""
+    want = {("lstm", None, None), ("selfattn", None, None)}
+    want |= {("tbptt", k, None) for k in (1, 5, 10, 20)}
+    want |= {("sab", kt, kp) for kt, kp in ((1, 1), (1, 10), (5, 5), (10, 10))}
+    for T in (100, 200, 300):
+        rows = [r for r in ROWS.values() if r.table == f"copy{T}"]
+        got = {(r.model["name"], r.model.get("k_trunc"), r.model.get("k_top")) for r in rows}
+        assert got == want, T
+        for r in rows:
+            config = row_config(r)
+            assert config.task == "copy" and config.task_options["T"] == T
+            assert (config.model.hidden, config.train.lr, config.train.batch_size,
+                    config.train.clip) == (128, 1e-3, 64, 1.0)
+            if r.model["name"] == "sab":
+                assert config.model.k_att == 2
+    for T in (200, 400):
+        assert any(r.table == f"adding{T}" for r in ROWS.values())
+    for table in ("ptb", "text8", "pmnist"):
+        assert any(r.table == table for r in ROWS.values())
+    assert {"ptb-lstm", "ptb-tbptt-5", "ptb-sab-5-5"} <= set(ROWS)
+    assert all(r.startswith("copy100-") for r in TRANSFER)
+    assert tuple(TRANSFER_T) == (200, 300, 400, 2000, 5000)
+
+
+def test_paper_numbers_load_and_cite_their_status():
+    raw = json.loads(Path(PAPER_FILE).read_text())
+    entries = paper_numbers()
+    assert entries and set(entries) == set(raw["entries"])
+    for key, e in entries.items():
+        assert e["status"] in ("quoted", "recalled"), key
+        assert "SPEC §7" in e["source"], key
+        assert e["approx"] == (e["status"] == "recalled"), key
+    # SPEC §7: 31% (TBPTT 5) and 100% (SAB 5,5) are quoted; the rest of the T=100 table recalled
+    assert {k for k, e in entries.items() if e["status"] == "quoted"} == \
+        {"copy100-tbptt-5", "copy100-sab-5-5"}
+    for name in ("copy100-lstm", "copy100-tbptt-1", "copy100-tbptt-10", "copy100-tbptt-20",
+                 "copy100-selfattn", "copy100-sab-1-1", "copy100-sab-10-10"):
+        assert entries[name]["status"] == "recalled"
+    assert entries["copy100-tbptt-5"]["value"] == 0.31
+
+
+def test_paper_numbers_reject_an_entry_without_status(tmp_path):
+    raw = json.loads(Path(PAPER_FILE).read_text())
+    del raw["entries"]["copy100-lstm"]["status"]
+    bad = tmp_path / "paper.json"
+    bad.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="copy100-lstm"):
+        paper_numbers(bad)
+
+
+def test_select_rows_keeps_order_and_expands_patterns():
+    assert [r.name for r in select_rows(["copy100-tbptt-5", "copy100-sab-5-5"])] == \
+        ["copy100-tbptt-5", "copy100-sab-5-5"]
+    assert len(select_rows(["copy200-*"])) == 10
+    with pytest.raises(ValueError, match="no row"):
+        select_rows(["copy999-lstm"])
+
+
+def _fake_run(results: Path):
+    run = results / "runs" / "copy100-sab-5-5"
+    run.mkdir(parents=True)
+    metrics = [{"step": 0, "time": 0.5, "eval_acc": 0.125},
+               {"step": 200, "time": 90.0, "eval_acc": 0.5},
+               {"step": 400, "time": 185.0, "eval_acc": 0.45}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    (run / "status.json").write_text(json.dumps({"row": "copy100-sab-5-5", "step": 450,
+                                                 "planned": 200000, "wall_s": 200.0}))
+    (run / "hardware.json").write_text(json.dumps({"sessions": [
+        {"cpu": "Test CPU 9000", "cores": 2, "threads": 1, "gpu": None, "torch": "2.0"}]}))
+    (run / "eval.jsonl").write_text(json.dumps({"step": 400, "T": 5000, "trained_T": 100,
+                                                "acc": 0.3, "seconds": 61, "eval_size": 64}) + "\n")
+    (results / "runs" / "copy100-lstm").mkdir()  # a run directory without any data
+
+
+def test_report_from_a_fake_recorded_run(tmp_path):
+    _fake_run(tmp_path)
+    path = write_report(tmp_path)
+    text = path.read_text()
+    line = next(x for x in text.splitlines() if "`copy100-sab-5-5`" in x)
+    assert "100% (quoted)" in line
+    assert "45.0% (step 400); best 50.0% (step 200)" in line
+    assert "450 / 200,000 (unfinished)" in line
+    assert "3 min 20 s" in line and "Test CPU 9000, 2 cores, 1 thread, torch 2.0" in line
+    assert "no data" in next(x for x in text.splitlines() if "`copy100-lstm`" in x)
+    tbptt = next(x for x in text.splitlines() if "`copy100-tbptt-5`" in x)
+    assert "31% (quoted)" in tbptt and "not run" in tbptt
+    assert "≈98.8% (recalled)" in text
+    transfer = next(x for x in text.splitlines()
+                    if x.startswith("| SAB (k_trunc=5, k_top=5, k_att=2), T = 100 → 5,000"))
+    assert "≈40% (recalled)" in transfer and "30.0% (64 sequences)" in transfer
+    assert text.count("not run") >= len(ROWS) - 2
+    assert (tmp_path / "figures" / "copy100_curves.png").exists()
+    assert (tmp_path / "figures" / "transfer.png").exists()
+    assert "figures/copy100_curves.png" in text
+
+
+def test_repro_run_trains_and_resumes(tmp_path):
+    (row,) = select_rows(["copy100-sab-5-5"])
+    logs = []
+    assert run_rows([row], tmp_path, steps=2, dry_run=True, plot=False, log=logs.append) == 0
+    run = tmp_path / "runs" / row.name
+    assert json.loads((run / "status.json").read_text())["step"] == 2
+    assert run_rows([row], tmp_path, steps=4, dry_run=True, plot=False, log=logs.append) == 0
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4]
+    status = json.loads((run / "status.json").read_text())
+    assert status["step"] == 4 and status["dry_run"]
+    hw = json.loads((run / "hardware.json").read_text())["sessions"]
+    assert len(hw) == 2 and hw[-1]["step_at_end"] == 4 and hw[0]["torch"] == torch.__version__
+    assert len((run / "cmd.txt").read_text().splitlines()) == 2
+    assert (run / "config.json").exists() and (run / "ckpt.pt").exists()
+    text = write_report(tmp_path, figures=False).read_text()
+    assert "dry run" in next(x for x in text.splitlines() if "`copy100-sab-5-5`" in x)
+
+
+def test_stop_requested_checkpoints_and_resumes_exactly(tmp_path):
+    """A run stopped between checkpoints (the signal path of `repro run`) resumes to the same
+    weights as an uninterrupted run."""
+    config = row_config(ROWS["copy100-tbptt-5"], steps=5, dry_run=True)
+    config.train.ckpt_every = 4
+    whole = Trainer(config, tmp_path / "whole")
+    whole.run()
+
+    def stop_at_3(trainer, line):
+        if trainer.step == 3:
+            trainer.stop_requested = True
+    first = Trainer(config, tmp_path / "split", callbacks=[stop_at_3])
+    first.run()
+    assert first.step == 3
+    second = Trainer(config, tmp_path / "split")
+    second.run()
+    assert second.step == 5
+    for a, b in zip(whole.model.state_dict().values(), second.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert (tmp_path / "whole" / "metrics.jsonl").read_text().count("\n") == \
+        (tmp_path / "split" / "metrics.jsonl").read_text().count("\n")
+
+
+def test_cli_repro_list_and_bad_row(tmp_path, capsys):
+    assert main(["repro", "list", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "copy100-sab-5-5" in out and "not run" in out
+    assert main(["repro", "run", "no-such-row", "--results", str(tmp_path)]) == 2
+    assert main(["repro", "report", "--results", str(tmp_path), "--no-figures"]) == 0
+    assert (tmp_path / "README.md").exists()
+
+
+def test_report_updates_the_summary_block_of_a_readme(tmp_path):
+    _fake_run(tmp_path / "results")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- repro-summary -->\nold\n<!-- /repro-summary -->\nrest\n")
+    write_report(tmp_path / "results", figures=False, readme=readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
+    assert "| Copying, T = 100: SAB (k_trunc=5, k_top=5, k_att=2) `copy100-sab-5-5` | 100% (quoted)" \
+        in text
+    assert "`copy100-tbptt-5`" not in text  # rows without data stay in results/README.md only
+
+
+def test_a_diverged_row_records_where_and_the_report_says_so(tmp_path, monkeypatch):
+    from sab.trainer import NonFiniteLoss
+    original = Trainer.train_step
+
+    def train_step(self):
+        if self.step == 1:
+            raise NonFiniteLoss("non-finite gradient norm (inf) at step 2", 2)
+        return original(self)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    (row,) = select_rows(["copy100-lstm"])
+    assert run_rows([row], tmp_path, steps=3, dry_run=True, plot=False, log=lambda m: None) == 1
+    status = json.loads((tmp_path / "runs" / row.name / "status.json").read_text())
+    assert status["diverged_at"] == 2 and status["step"] == 1
+    assert "non-finite" in status["stopped"]
+    text = write_report(tmp_path, figures=False).read_text()
+    assert "diverged: non-finite gradient at step 2" in \
+        next(x for x in text.splitlines() if "`copy100-lstm`" in x)
