@@ -59,6 +59,21 @@ class _Progress:
             self.bar.close()
 
 
+def _verify_and_place(tmp: Path, dest: Path, spec, failure: str) -> None:
+    """Verify ``tmp`` against ``spec`` (skipped when None) and move it to ``dest`` atomically; a
+    file that fails is deleted (it is ours, half-made) and ``failure`` starts the error."""
+    if spec is not None:
+        try:
+            verify_file(tmp, spec, "")
+        except BadFileError as e:
+            tmp.unlink()
+            raise ChecksumError(f"{failure}: {e}", path=str(dest),
+                                expected=getattr(e, "expected", ""),
+                                found=getattr(e, "found", "")) from e
+    os.replace(tmp, dest)
+    _fsync_dir(dest.parent)
+
+
 def download(url: str, dest: Path, spec: Optional[FileSpec] = None, *,
              progress: Optional[bool] = None, timeout: float = 60.0,
              _restarted: bool = False) -> Path:
@@ -118,16 +133,8 @@ def download(url: str, dest: Path, spec: Optional[FileSpec] = None, *,
     if total is not None and got != total:
         raise DownloadError(f"{url}: download interrupted after {got} of {total} bytes; the part "
                             f"is kept in {part}: run fetch again to resume")
-    if spec is not None and spec.verifiable:
-        try:
-            verify_file(part, spec, "")
-        except BadFileError as e:
-            part.unlink()
-            raise ChecksumError(f"download of {url} failed verification and was discarded: {e}",
-                                path=str(dest), expected=getattr(e, "expected", ""),
-                                found=getattr(e, "found", "")) from e
-    os.replace(part, dest)
-    _fsync_dir(dest.parent)
+    _verify_and_place(part, dest, spec if spec is not None and spec.verifiable else None,
+                      f"download of {url} failed verification and was discarded")
     return dest
 
 
@@ -200,12 +207,4 @@ def _extract_member(archive: Path, fs: FileSpec, dest: Path, name: str) -> None:
                            f"again") from e
     tmp = dest.with_name(dest.name + ".part")
     atomic_write_bytes(tmp, data)
-    try:
-        verify_file(tmp, fs, "")
-    except BadFileError as e:
-        tmp.unlink()
-        raise ChecksumError(f"{archive}:{fs.member} failed verification, nothing written: {e}",
-                            path=str(dest), expected=getattr(e, "expected", ""),
-                            found=getattr(e, "found", "")) from e
-    os.replace(tmp, dest)
-    _fsync_dir(dest.parent)
+    _verify_and_place(tmp, dest, fs, f"{archive}:{fs.member} failed verification, nothing written")
