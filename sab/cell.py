@@ -37,7 +37,8 @@ class Attention(NamedTuple):
 
 
 def attend(scorer, h_hat: Tensor, bank: MemoryBank, k_top: int, dense: bool = False,
-           selection: Optional[Selection] = None, eps: float = 0.0) -> Attention:
+           selection: Optional[Selection] = None, eps: float = 0.0,
+           block_score_grad: bool = False) -> Attention:
     """Summary ``s(t) = Σ_i w_i m_i`` over the memory (SPEC §2.3–2.5).
 
     Sparse (``dense=False``) with ``n > k_top``: every memory is scored without a graph (the scores
@@ -46,11 +47,13 @@ def attend(scorer, h_hat: Tensor, bank: MemoryBank, k_top: int, dense: bool = Fa
     and backward cost of the summary is O(B·k_top·H) and credit flows to those memories alone.
     ``n ≤ k_top`` or ``dense=True`` (the self-attention baseline): softmax over all ``n``.
     ``selection``: the ranking this step made before (the sparse engine's recomputation replays
-    it instead of scoring every memory again).
+    it instead of scoring every memory again).  ``block_score_grad``: the query reads ĥ detached
+    (the bank's keys were then written from detached memories), so the scores send gradient to
+    the scorer's parameters only.
     """
     start, stop = bank.window()
     n = stop - start
-    query = scorer.query(h_hat)  # (B, d_k)
+    query = scorer.query(h_hat.detach() if block_score_grad else h_hat)  # (B, d_k)
     if dense or n <= k_top:
         values, keys = bank.gather_all()  # (B, n, H), (B, n, d_k)
         weights = torch.softmax(scorer.scores(query, keys), dim=-1)  # (B, n)

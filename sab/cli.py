@@ -44,7 +44,7 @@ _MODEL_FLAGS = {"model": "name", "hidden": "hidden", "num_layers": "num_layers",
                 "k_trunc": "k_trunc", "k_top": "k_top", "k_att": "k_att",
                 "att_hidden": "att_hidden", "scorer": "scorer", "dropout": "dropout",
                 "fused_scorer": "fused_scorer", "max_memories": "max_memories", "embed": "embed",
-                "att_eps": "att_eps"}
+                "att_eps": "att_eps", "block_score_grad": "block_score_grad"}
 _TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "clip": "clip",
                 "eval_every": "eval_every", "ckpt_every": "ckpt_every",
                 "eval_batch": "eval_batch", "seed": "seed", "engine": "engine",
@@ -135,6 +135,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                         "(the authors', comparison only)")
     g.add_argument("--att-eps", type=_nonneg_float, default=S,
                    help="sab: ε of w = ã/(Σã+ε) (default 0: exact normalisation)")
+    g.add_argument("--block-score-grad", action="store_true", default=S,
+                   help="sab, selfattn: the attention scores send gradient to the scorer's "
+                        "parameters only, not into the states (the authors' "
+                        "block_attn_grad_past; keeps long memory chains stable)")
     g.add_argument("--fused-scorer", action="store_true", default=S,
                    help="sab: rank memories with a torch.compile'd kernel (long T)")
     g.add_argument("--dropout", type=_nonneg_float, default=S, help="between layers")

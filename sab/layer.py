@@ -170,6 +170,14 @@ class SABLSTM(RecurrentLayerBase):
             slightly less than 1.
         fused_scorer: rank the memories with a kernel compiled by ``torch.compile`` (MLP scorer;
             compiles once per process, worth it at long T where the ranking dominates).
+        block_score_grad: ``False`` (default, SPEC §3): a loss reaches the selected memories and
+            ĥ(t) both through the summary's values and through the attention scores.  ``True``:
+            the scores send gradient to the scorer's parameters only (the scorer reads ĥ and the
+            memories detached, as the authors' ``block_attn_grad_past`` option); memories still
+            get their credit through ``s(t) = Σ w_i m_i``.  Through the scores the credit of a
+            hop is scaled by ``|m_i − s| / Σã``, which compounds over the hops of a memory chain
+            and made copying T=100 overflow to an infinite gradient within 300 steps; with the
+            scores blocked a hop scales credit by ``w_i ≤ 1`` (README, "Training stability").
 
     ``output, state = layer(x, state=None)``; ``x`` is (T, B, I), (B, T, I) with batch_first, or
     unbatched (T, I); ``output`` is h(t) of the last layer, (T, B, H).  With
@@ -183,7 +191,7 @@ class SABLSTM(RecurrentLayerBase):
                  k_att: int, num_layers: int = 1, batch_first: bool = False,
                  att_hidden: Optional[int] = None, max_memories: Optional[int] = None,
                  dropout: float = 0.0, scorer: str = "mlp", fused_scorer: bool = False,
-                 att_eps: float = 0.0, device=None, dtype=None):
+                 att_eps: float = 0.0, block_score_grad: bool = False, device=None, dtype=None):
         super().__init__()
         _check_int("input_size", input_size, 1)
         _check_int("hidden_size", hidden_size, 1)
@@ -198,6 +206,9 @@ class SABLSTM(RecurrentLayerBase):
         if not (isinstance(att_eps, (int, float)) and att_eps >= 0):
             raise ValueError(f"att_eps must be a number >= 0, got {att_eps!r}")
         self.att_eps = float(att_eps)
+        if not isinstance(block_score_grad, bool):
+            raise ValueError(f"block_score_grad must be True or False, got {block_score_grad!r}")
+        self.block_score_grad = block_score_grad
         if scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {scorer!r}")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
@@ -231,7 +242,8 @@ class SABLSTM(RecurrentLayerBase):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
                 f"k_trunc={self.k_trunc}, k_top={self.k_top}, k_att={self.k_att}, "
                 f"att_hidden={self.att_hidden}, max_memories={self.max_memories}, "
-                f"scorer={self.scorer_name!r}, batch_first={self.batch_first}, "
+                f"scorer={self.scorer_name!r}, att_eps={self.att_eps}, "
+                f"block_score_grad={self.block_score_grad}, batch_first={self.batch_first}, "
                 f"dropout={self.dropout}")
 
     def cell_weights(self, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -309,7 +321,8 @@ class SABLSTM(RecurrentLayerBase):
             h_hat, c = lstm_pointwise(torch.addmm(xp_t, h, w_hh_t), c)  # (B, H)
             if exists(scorer) and bank.count > 0:
                 att = attend(scorer, h_hat, bank, self.k_top, self.dense,
-                             next(replay) if exists(replay) else None, self.att_eps)
+                             next(replay) if exists(replay) else None, self.att_eps,
+                             self.block_score_grad)
                 if exists(selections):
                     selections.append(att.selection)
                 h = h_hat + att.summary  # (B, H)
@@ -320,7 +333,8 @@ class SABLSTM(RecurrentLayerBase):
                 if exists(rec):
                     rec.add_empty(h_hat)
             if exists(scorer) and (g + 1) % self.k_att == 0:
-                bank.write(h, scorer.keys(h), g)  # memories keep their graph (SPEC §3)
+                # memories keep their graph (SPEC §3); blocked scores: the key's only to W_k
+                bank.write(h, scorer.keys(h.detach() if self.block_score_grad else h), g)
             if keep_outputs:
                 outs.append(h)
         out = torch.stack(outs) if keep_outputs else None  # (T, B, H)

@@ -76,8 +76,11 @@ def naive_forward(layer, x: Tensor, h0: Optional[Tensor] = None, c0: Optional[Te
             s = torch.zeros_like(h_hat)
             if attends and mems:
                 M = torch.stack(mems, dim=1)  # (B, n, H): O(n) every step
-                w = _weights(_scores(layer, l, h_hat, M), layer.k_top, layer.dense,
-                             layer.att_eps)  # (B, n)
+                if layer.block_score_grad:  # the scorer reads detached states
+                    scores = _scores(layer, l, h_hat.detach(), M.detach())
+                else:
+                    scores = _scores(layer, l, h_hat, M)
+                w = _weights(scores, layer.k_top, layer.dense, layer.att_eps)  # (B, n)
                 s = (w.unsqueeze(-1) * M).sum(1)  # dense sum over all n memories
             h = h_hat + s
             if attends and (g + 1) % layer.k_att == 0:

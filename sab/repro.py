@@ -91,11 +91,19 @@ def _tbptt(k):
 # steps had gradient norms of 0.5-38.
 SAB_EPS = 0.01
 
+# The attention scores send gradient to the scorer's parameters only (``block_score_grad``, the
+# authors' ``block_attn_grad_past``).  With the scores' credit going into the memories too (SPEC §3,
+# the layer's default), copying T=100 SAB (5,5) overflowed to an infinite gradient norm at
+# step 217 (and at step 266 in a second measurement): through the scores a hop of a memory chain
+# scales credit by |m_i − s| / (Σã + ε), which compounds over the chain.  Blocked, the first 450
+# steps had gradient norms of at most 49.
+SAB_BLOCK = True
+
 
 def _sab(k_trunc, k_top):
     return (f"sab-{k_trunc}-{k_top}", f"SAB (k_trunc={k_trunc}, k_top={k_top}, k_att={_K_ATT})",
             {"name": "sab", "k_trunc": k_trunc, "k_top": k_top, "k_att": _K_ATT,
-             "att_eps": SAB_EPS})
+             "att_eps": SAB_EPS, "block_score_grad": SAB_BLOCK})
 
 
 # what every row shares, printed under the report's tables
@@ -107,6 +115,10 @@ NOTES = [
     "copying T=100 SAB (5,5) run had a gradient norm of 2e9 at step 3 and a NaN gradient at "
     "step 4 (measured); with ε = 0.01 the first 15 steps had gradient norms of 0.5–38 (whether the run stays finite "
     "longer is in the table).",
+    "SAB rows: the attention scores send gradient to the scorer's parameters only "
+    "(block_score_grad, the authors' block_attn_grad_past); memories get their credit through "
+    "s(t) = Σ w_i m_i. With the scores' credit flowing into the memories too (SPEC §3), copying "
+    "T = 100 SAB (5,5) reached an infinite gradient norm at step 217 (measured).",
     f"Planned steps: {SYNTHETIC_STEPS:,} for copying and adding (the paper's budget, about 200k); "
     f"{DATA_STEPS:,} for PTB, text8 and permuted MNIST (our choice). PTB and text8: windows of "
     "150 characters, state carried, SAB's memory bounded to 300 slots; the model size is the "

@@ -86,3 +86,44 @@ def test_only_the_selected_memories_get_gradient(k, n):
         assert len(weighted) == min(k, n)
         if n > k:
             assert int(scores[b].topk(k + 1).indices[k]) not in credited
+
+
+@pytest.mark.parametrize("scorer", ["mlp", "dot", "release"])
+@pytest.mark.parametrize("n", [2, 7])  # n <= k_top (softmax) and n > k_top (threshold)
+def test_blocked_scores_credit_memories_through_the_summary_alone(scorer, n):
+    """``block_score_grad=True``: a loss g·s(t) gives each memory exactly w_i·g (the value path)
+    and the provisional state ĥ(t) only what the LSTM output sends it; the scorer's parameters
+    still get gradient.  By default the memories also get credit through the scores."""
+    from sab import RecurrentState
+    from sab.memory import MemoryBank
+    B, H, k = 4, 5, 3
+    got = {}
+    for block in (True, False):
+        layer = make_sab(3, H, k_trunc=1, k_top=k, k_att=100, seed=n, scorer=scorer,
+                         block_score_grad=block)
+        sc = layer.scorers[0]
+        gen = torch.Generator().manual_seed(7)
+        mems = [torch.randn(B, H, dtype=torch.float64, generator=gen, requires_grad=True)
+                for _ in range(n)]
+        bank = MemoryBank.empty(B, H, sc.key_size, dtype=torch.float64)
+        for j, m in enumerate(mems):
+            bank.write(m, sc.keys(m.detach() if block else m), j)
+        state = RecurrentState(torch.zeros(1, B, H, dtype=torch.float64),
+                               torch.zeros(1, B, H, dtype=torch.float64), [bank], n)
+        x = torch.randn(1, B, 3, dtype=torch.float64, generator=gen)
+        _, _, (rec,) = layer(x, state, return_attention=True)
+        g = torch.randn(B, H, dtype=torch.float64, generator=gen)
+        (rec.summary[0] * g).sum().backward()
+        grads = torch.stack([torch.zeros_like(m) if m.grad is None else m.grad for m in mems], 1)
+        # the value path alone: memory j gets w_j · g
+        value_path = torch.zeros(B, n, H, dtype=torch.float64)
+        for b in range(B):
+            for i, w in zip(rec.indices[0, b].tolist(), rec.weights[0, b]):
+                value_path[b, i] += w * g[b]
+        got[block] = (grads, value_path)
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in sc.parameters())
+        if block:  # s(t) reaches ĥ(t), hence the LSTM weights, only through the scores
+            assert all(getattr(layer, f"weight_{w}_l0").grad is None
+                       or (getattr(layer, f"weight_{w}_l0").grad == 0).all() for w in ("ih", "hh"))
+    torch.testing.assert_close(got[True][0], got[True][1], rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(got[False][0], got[False][1])

@@ -40,6 +40,8 @@ CONFIGS = [
     dict(k_trunc=3, k_top=2, k_att=2, scorer="dot"),
     dict(k_trunc=None, k_top=2, k_att=2),
     dict(k_trunc=3, k_top=0, k_att=1),
+    dict(k_trunc=3, k_top=2, k_att=1, block_score_grad=True, num_layers=2),
+    dict(k_trunc=4, k_top=2, k_att=2, block_score_grad=True, scorer="dot", att_eps=0.05),
 ]
 
 
