@@ -7,6 +7,11 @@ the run stayed finite (a non-finite loss stops the trainer with NonFiniteLoss).
 
     python benchmarks/stability.py --seeds 0 1 2 --steps 4000 --T 100      # the SPEC's check
     python benchmarks/stability.py --seeds 0 1 --steps 300 --T 10 --hidden 32   # minutes
+    python benchmarks/stability.py --seeds 0 --steps 400 --full-score-grad     # SPEC §3's default
+
+SAB's settings default to the reproduction rows' (``sab.repro``): ε = 0.01 and the scores'
+gradient blocked from the states (``block_score_grad``); ``--full-score-grad`` and ``--att-eps 0``
+measure the layer's defaults instead.
 
 Exit status 1 if any seed diverged (non-finite, or a training loss above --max-loss).
 """
@@ -15,12 +20,15 @@ import json
 import sys
 import time
 
+from sab.repro import SAB_BLOCK, SAB_EPS
 from sab.trainer import ModelConfig, NonFiniteLoss, RunConfig, TrainConfig, Trainer
 
 
 def run_seed(seed, a):
     cfg = RunConfig("copy", {"T": a.T, "one_hot": a.one_hot, "eval_size": 256},
-                    ModelConfig(name="sab", hidden=a.hidden, k_trunc=5, k_top=5, k_att=2),
+                    ModelConfig(name="sab", hidden=a.hidden, k_trunc=a.k_trunc, k_top=a.k_top,
+                                k_att=a.k_att, att_eps=a.att_eps,
+                                block_score_grad=not a.full_score_grad),
                     TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, clip=a.clip,
                                 eval_every=a.eval_every, ckpt_every=a.steps, seed=seed))
     trainer = Trainer(cfg)
@@ -48,13 +56,25 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--one-hot", action="store_true")
+    p.add_argument("--k-trunc", type=int, default=5)
+    p.add_argument("--k-top", type=int, default=5)
+    p.add_argument("--k-att", type=int, default=2)
+    p.add_argument("--att-eps", type=float, default=SAB_EPS)
+    p.add_argument("--full-score-grad", action="store_true", default=not SAB_BLOCK,
+                   help="let the scores' gradient into the memories and ĥ (SPEC §3's default)")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--max-loss", type=float, default=10.0,
                    help="a training loss above this counts as divergence (chance is ~2.3)")
     a = p.parse_args(argv)
+    try:
+        from benchmarks.common import machine
+        print(machine())
+    except ImportError:  # run as a file from elsewhere
+        pass
+    print("settings: " + json.dumps(vars(a)), flush=True)
     rows = [run_seed(s, a) for s in a.seeds]
     for r in rows:
-        print(json.dumps(r))
+        print(json.dumps(r), flush=True)
     bad = [r for r in rows if not r["finite"] or r["max_train_loss"] > a.max_loss]
     print("diverged: " + (", ".join(str(r["seed"]) for r in bad) if bad else "none"))
     return 1 if bad else 0

@@ -45,7 +45,8 @@ _MODEL_FLAGS = {"model": "name", "hidden": "hidden", "num_layers": "num_layers",
                 "att_hidden": "att_hidden", "scorer": "scorer", "dropout": "dropout",
                 "fused_scorer": "fused_scorer", "max_memories": "max_memories", "embed": "embed",
                 "att_eps": "att_eps", "block_score_grad": "block_score_grad"}
-_TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "clip": "clip",
+_TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "lr": "lr",
+                "lr_schedule": "lr_schedule", "clip": "clip",
                 "eval_every": "eval_every", "ckpt_every": "ckpt_every",
                 "eval_batch": "eval_batch", "seed": "seed", "engine": "engine",
                 "threads": "threads", "device": "device"}
@@ -152,6 +153,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=_positive_int, default=S,
                    help="global batch (split over processes; default 64)")
     g.add_argument("--lr", type=_nonneg_float, default=S, help="Adam learning rate (default 1e-3)")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine"], default=S,
+                   help="constant (default) or cosine: decays lr to ~0 at --steps (so a run "
+                        "extended to more steps changes its schedule)")
     g.add_argument("--clip", type=_nonneg_float, default=S,
                    help="gradient-norm clip (default 1.0; 0: off)")
     g.add_argument("--eval-every", type=_positive_int, default=S, help="default 200")
@@ -307,8 +311,9 @@ def cmd_plot(args) -> int:
 # -- demo ----------------------------------------------------------------------------------------
 
 # Settings found by running them on the 2-core machine (README, "What the demo shows").
-DEMO = {"T": 5, "steps": 11000, "hidden": 64, "batch_size": 64, "lr": 2e-3, "clip": 0.0,
-        "k_trunc": 5, "k_top": 5, "k_att": 2, "eval_every": 250, "one_hot": True}
+DEMO = {"T": 5, "steps": 11000, "hidden": 64, "batch_size": 64, "lr": 5e-3, "clip": 0.0,
+        "k_trunc": 5, "k_top": 3, "k_att": 1, "eval_every": 250, "one_hot": True,
+        "block_score_grad": True}
 
 
 def cmd_demo(args) -> int:
@@ -330,8 +335,10 @@ def cmd_demo(args) -> int:
         common.append("--one-hot")
     if args.dry_run:
         common.append("--dry-run")
-    runs = {"sab": common + ["--model", "sab", "--k-top", str(d["k_top"]), "--k-att",
-                             str(d["k_att"])],
+    sab_flags = ["--model", "sab", "--k-top", str(d["k_top"]), "--k-att", str(d["k_att"])]
+    if d["block_score_grad"]:
+        sab_flags.append("--block-score-grad")
+    runs = {"sab": common + sab_flags,
             "tbptt": common + ["--model", "tbptt"]}
     t0 = time.time()
     procs = {}

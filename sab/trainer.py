@@ -97,6 +97,7 @@ class TrainConfig:
     steps: int = 10_000
     batch_size: int = 64  # the global batch (split over processes)
     lr: float = 1e-3  # Adam
+    lr_schedule: str = "constant"  # or "cosine": lr·½(1 + cos(π·step/steps)), down to ~0 at the end
     clip: float = 1.0  # gradient-norm clip; 0 turns clipping off (the norm is still logged)
     eval_every: int = 200
     ckpt_every: int = 200
@@ -156,6 +157,9 @@ class RunConfig:
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
         if t.lr == 0:
             raise ConfigError("lr must be > 0")
+        if t.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got "
+                              f"{t.lr_schedule!r}")
         return RunConfig(self.task, options, m, t)
 
     def to_dict(self) -> dict:
@@ -285,6 +289,16 @@ def _atomic_save(obj, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)  # atomic: a reader sees the old or the new checkpoint, never half
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(t: "TrainConfig", step: int) -> float:
+    """The learning rate of update ``step`` (0-based) under ``t.lr_schedule``."""
+    if t.lr_schedule == "cosine":
+        return t.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, t.steps) / t.steps))
+    return t.lr
 
 
 class Trainer:
@@ -442,6 +456,8 @@ class Trainer:
         if not math.isfinite(grad_norm):
             raise NonFiniteLoss(f"non-finite gradient norm ({grad_norm}) at step {self.step + 1} "
                                 f"(loss {loss:.6g})", self.step + 1)
+        for group in self.optimizer.param_groups:  # a function of the step: resumes exactly
+            group["lr"] = learning_rate(t, self.step)
         self.optimizer.step()
         self.step += 1
         # the state after this chunk (detached by the engine) goes into the next one, unless the

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sab.trainer import (CKPT, METRICS, ModelConfig, NonFiniteLoss, RunConfig, TrainConfig,
+from sab.trainer import (ConfigError, CKPT, METRICS, ModelConfig, NonFiniteLoss, RunConfig, TrainConfig,
                          Trainer)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +64,8 @@ def _metrics(run):
 
 CMD = ["--task", "copy", "--model", "sab", "--T", "6", "--hidden", "12", "--k-trunc", "3",
        "--k-top", "2", "--k-att", "2", "--batch-size", "8", "--steps", "150", "--eval-every",
-       "10", "--ckpt-every", "10", "--eval-size", "16", "--threads", "1", "--seed", "5"]
+       "10", "--ckpt-every", "10", "--eval-size", "16", "--threads", "1", "--seed", "5",
+       "--lr-schedule", "cosine"]  # the schedule is a function of the step: resumes exactly
 
 
 def _sab(args, **kw):
@@ -147,3 +148,24 @@ def test_sab_training_is_stable_over_seeds():
     spec.loader.exec_module(stability)
     assert stability.main(["--seeds", "0", "1", "2", "--steps", "600", "--T", "20",
                            "--hidden", "32", "--eval-every", "100"]) == 0
+
+
+def test_cosine_schedule_sets_each_updates_learning_rate():
+    import math
+    cfg = tiny("lstm", steps=8)
+    cfg.train.lr, cfg.train.lr_schedule = 0.01, "cosine"
+    trainer = Trainer(cfg)
+    seen = []
+    for _ in range(8):
+        trainer.train_step()
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+    expected = [0.01 * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    assert seen == pytest.approx(expected, rel=1e-12)
+    assert seen[0] == 0.01 and seen[-1] < 0.01 * 0.04
+
+
+def test_unknown_lr_schedule_is_a_config_error():
+    cfg = tiny("lstm")
+    cfg.train.lr_schedule = "linear"
+    with pytest.raises(ConfigError, match="lr_schedule must be one of constant, cosine"):
+        cfg.resolved()
