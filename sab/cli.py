@@ -311,7 +311,8 @@ def cmd_plot(args) -> int:
 # -- demo ----------------------------------------------------------------------------------------
 
 # Settings found by running them on the 2-core machine (README, "What the demo shows").
-DEMO = {"T": 5, "steps": 11000, "hidden": 64, "batch_size": 64, "lr": 5e-3, "clip": 0.0,
+DEMO = {"T": 5, "steps": 11000, "hidden": 64, "batch_size": 64, "lr": 5e-3,
+        "lr_schedule": "cosine", "clip": 0.0,
         "k_trunc": 5, "k_top": 3, "k_att": 1, "eval_every": 250, "one_hot": True,
         "block_score_grad": True}
 
@@ -326,7 +327,8 @@ def cmd_demo(args) -> int:
     if args.steps:
         d["steps"] = args.steps
     common = ["--task", "copy", "--T", str(d["T"]), "--hidden", str(d["hidden"]),
-              "--batch-size", str(d["batch_size"]), "--lr", str(d["lr"]), "--clip", str(d["clip"]),
+              "--batch-size", str(d["batch_size"]), "--lr", str(d["lr"]), "--lr-schedule",
+              d["lr_schedule"], "--clip", str(d["clip"]),
               "--k-trunc",
               str(d["k_trunc"]), "--steps", str(d["steps"]), "--eval-every",
               str(d["eval_every"]), "--ckpt-every", str(d["eval_every"]), "--seed",
