@@ -10,17 +10,95 @@ import torch
 from torch import Tensor
 
 from .memory import MemoryBank
-from .sparsifier import threshold_weights
+from .scorer import MLPScorer, mlp_scores_grad
+from .sparsifier import threshold_weights, threshold_weights_grad
 
 __all__ = ["lstm_pointwise", "attend", "Attention", "Selection"]
 
 
 def lstm_pointwise(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """``gates`` (B, 4H) = x W_ihᵀ + b_ih + h W_hhᵀ + b_hh, gate order i, f, g, o as nn.LSTM."""
-    i, f, g, o = gates.chunk(4, dim=1)  # 4 × (B, H)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # (B, H)
-    h = torch.sigmoid(o) * torch.tanh(c)  # (B, H)
-    return h, c
+    """``gates`` (B, 4H) = x W_ihᵀ + b_ih + h W_hhᵀ + b_hh, gate order i, f, g, o as nn.LSTM.
+
+    Returns ``h``, ``c`` (B, H).  One autograd node with a hand-written backward (the graph of
+    the plain formula has about ten nodes per step and a concatenation in its backward; at
+    T=100 that bookkeeping costs as much as the arithmetic).  Tested against the textbook
+    formula and finite differences in float64 (``tests/test_limits.py``).
+    """
+    if torch.is_grad_enabled() and (gates.requires_grad or c.requires_grad):
+        return _LSTMPointwise.apply(gates, c)
+    return _lstm_pointwise_plain(gates, c)
+
+
+def _lstm_pointwise_plain(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """The forward of :class:`_LSTMPointwise` without a graph, rounding for rounding the same
+    (the sparse engine's graph-free forward must equal the reference engine's bit for bit)."""
+    return _pointwise_forward(gates, c)[:2]
+
+
+def _pointwise_forward(gates: Tensor, c_prev: Tensor):
+    H = c_prev.shape[1]
+    act = torch.sigmoid(gates)  # (B, 4H); the g quarter is overwritten with tanh
+    torch.tanh(gates[:, 2 * H:3 * H], out=act[:, 2 * H:3 * H])
+    si, sf, tg, so = act.split(H, dim=1)
+    c = torch.addcmul(sf * c_prev, si, tg)  # (B, H)
+    tc = torch.tanh(c)
+    return so * tc, c, act, tc
+
+
+class _LSTMPointwise(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gates: Tensor, c_prev: Tensor):
+        h, c, act, tc = _pointwise_forward(gates, c_prev)
+        ctx.save_for_backward(act, c_prev, tc)
+        return h, c
+
+    @staticmethod
+    def backward(ctx, gh: Optional[Tensor], gc: Optional[Tensor]):
+        act, c_prev, tc = ctx.saved_tensors
+        H = c_prev.shape[1]
+        si, sf, tg, so = act.split(H, dim=1)
+        dgates = torch.empty_like(act)  # (B, 4H), each quarter written in place
+        di, df, dg, do = dgates.split(H, dim=1)
+        if gh is None:
+            gh = torch.zeros_like(tc)
+        # dc = gc + gh·o·(1 − tanh²c)
+        dc = gh * so
+        torch.mul(gh, tc, out=do)  # ∂/∂o before the sigmoid's derivative
+        dc.mul_(1 - tc * tc)
+        if gc is not None:
+            dc.add_(gc)
+        do.mul_(so * (1 - so))
+        torch.mul(dc, tg, out=di)
+        di.mul_(si * (1 - si))
+        torch.mul(dc, c_prev, out=df)
+        df.mul_(sf * (1 - sf))
+        torch.mul(dc, si, out=dg)
+        dg.mul_(1 - tg * tg)
+        return dgates, dc * sf
+
+
+class _MLPSparseWeights(torch.autograd.Function):
+    """Weights of the k_top selected memories from their ranked scores ``top`` (B, k+1), with
+    the gradient of the MLP scores ``a = v·tanh(query + keys)``: what ``attend`` computes with
+    ``scorer.scores`` and ``threshold_weights`` (about fifteen autograd nodes per step), as one
+    node.  Tests hold it to the definition in float64 (tests/test_limits.py, tests/test_engines.py).
+    """
+
+    @staticmethod
+    def forward(ctx, query: Tensor, keys: Tensor, v: Tensor, top: Tensor, eps: float):
+        k = keys.shape[1]
+        kept, delta = top[:, :k], top[:, k]
+        weights = threshold_weights(kept, delta, eps)  # (B, k)
+        ctx.save_for_backward(query, keys, v, kept, delta, weights)
+        ctx.eps = eps
+        return weights
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        query, keys, v, kept, delta, weights = ctx.saved_tensors
+        g_scores = threshold_weights_grad(grad, kept, delta, weights, ctx.eps)  # (B, k)
+        g_query, g_keys, g_v = mlp_scores_grad(query, keys, v, g_scores)
+        return g_query, g_keys, g_v, None, None
 
 
 class Selection(NamedTuple):
@@ -66,9 +144,13 @@ def attend(scorer, h_hat: Tensor, bank: MemoryBank, k_top: int, dense: bool = Fa
             selection = Selection(top, slots[:, :k_top] + start)
         top, slots = selection  # (B, k+1), (B, k)
         values, keys = bank.gather(slots)  # (B, k, H), (B, k, d_k)
-        scores = scorer.scores(query, keys)  # (B, k) with graph
-        # Forward values exactly those that were ranked; gradient of the re-scored ones.
-        scores = scores - scores.detach() + top[:, :k_top]
-        weights = threshold_weights(scores, top[:, k_top], eps)  # (B, k), δ stop-gradient
+        if type(scorer) is MLPScorer and torch.is_grad_enabled():
+            # the same maths as below in one autograd node (see _MLPSparseWeights)
+            weights = _MLPSparseWeights.apply(query, keys, scorer.v, top, eps)  # (B, k)
+        else:
+            scores = scorer.scores(query, keys)  # (B, k) with graph
+            # Forward values exactly those that were ranked; gradient of the re-scored ones.
+            scores = scores - scores.detach() + top[:, :k_top]
+            weights = threshold_weights(scores, top[:, k_top], eps)  # (B, k), δ stop-gradient
     summary = (weights.unsqueeze(1) @ values).squeeze(1)  # (B, 1, m) @ (B, m, H) -> (B, H)
     return Attention(summary, weights, slots, selection)

@@ -75,6 +75,15 @@ class MLPScorer(nn.Module):
         return scores.topk(k, dim=-1)
 
 
+def mlp_scores_grad(query: Tensor, keys: Tensor, v: Tensor, grad: Tensor):
+    """The backward of ``a = v·tanh(query + keys)`` written out: from ``∂L/∂a`` (B, k) to the
+    gradients of ``query`` (B, d), ``keys`` (B, k, d) and ``v`` (d,)."""
+    t = torch.tanh(query.unsqueeze(1) + keys)  # (B, k, d), recomputed: k is small
+    g_v = torch.einsum("bk,bkd->d", grad, t)
+    g_z = (1 - t * t).mul_(grad.unsqueeze(-1)).mul_(v)  # (B, k, d)
+    return g_z.sum(1), g_z, g_v
+
+
 class DotScorer(nn.Module):
     """``a_i = (W_q ĥ + b)·(W_k m_i) / √d_att``: a cheaper query-dependent scorer (an option)."""
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["sparsify", "topk_select", "threshold_weights"]
+__all__ = ["sparsify", "topk_select", "threshold_weights", "threshold_weights_grad"]
 
 
 def threshold_weights(top: Tensor, delta: Tensor, eps: float = 0.0) -> Tensor:
@@ -39,6 +39,21 @@ def threshold_weights(top: Tensor, delta: Tensor, eps: float = 0.0) -> Tensor:
         return shifted / (total + eps)
     safe = torch.where(total > 0, total, torch.ones_like(total))
     return shifted / safe  # (..., k), sums to 1 or is all zero
+
+
+def threshold_weights_grad(grad: Tensor, top: Tensor, delta: Tensor, weights: Tensor,
+                           eps: float = 0.0) -> Tensor:
+    """The backward of :func:`threshold_weights` written out: ``∂L/∂top`` (..., k) from
+    ``∂L/∂w`` (..., k), with δ constant.
+
+    ``w_i = ã_i / D`` with ``D = Σã + ε`` (or ``Σã``, 1 when that is 0) gives
+    ``∂L/∂ã_j = (g_j − Σ_i g_i w_i) / D``, and ``relu`` passes it where ``top − δ > 0`` only.
+    """
+    shifted = top - delta.unsqueeze(-1)  # (..., k)
+    total = torch.relu(shifted).sum(-1, keepdim=True)  # (..., 1)
+    denom = total + eps if eps > 0 else torch.where(total > 0, total, torch.ones_like(total))
+    g = (grad - (grad * weights).sum(-1, keepdim=True)) / denom
+    return torch.where(shifted > 0, g, torch.zeros_like(g))
 
 
 def topk_select(scores: Tensor, k_top: int, eps: float = 0.0) -> tuple[Tensor, Tensor]:

@@ -130,3 +130,35 @@ def test_paper_epsilon_form(scores, k, eps):
     shifted = torch.relu(a - a.topk(k + 1).values[-1])
     torch.testing.assert_close(with_eps, shifted / (shifted.sum() + eps))
     assert float(with_eps.sum()) <= 1.0
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.05])
+def test_written_out_threshold_backward_equals_autograd(eps):
+    """threshold_weights_grad (used by the layer's one-node attention) against autograd through
+    threshold_weights, including rows where kept scores tie with δ and all-tied rows."""
+    from sab.sparsifier import threshold_weights, threshold_weights_grad
+    g = torch.Generator().manual_seed(0)
+    top = torch.randn(50, 4, dtype=torch.float64, generator=g).sort(-1, descending=True).values
+    delta = top[:, 3].clone() - torch.rand(50, dtype=torch.float64, generator=g)
+    top[:5] = delta[:5].unsqueeze(-1)  # all kept scores tie with δ: weights 0, no credit
+    top[5:10, 2] = delta[5:10]  # the last kept score ties with δ
+    top = top.requires_grad_()
+    w = threshold_weights(top, delta, eps)
+    grad = torch.randn(50, 4, dtype=torch.float64, generator=g)
+    expected, = torch.autograd.grad(w, top, grad)
+    got = threshold_weights_grad(grad, top.detach(), delta, w.detach(), eps)
+    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-15)
+    assert (got[:5] == 0).all() and (got[5:10, 2] == 0).all()
+
+
+def test_written_out_mlp_score_backward_equals_autograd():
+    from sab.scorer import mlp_scores_grad
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(3, 4, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
+    grad = torch.randn(3, 4, dtype=torch.float64, generator=g)
+    a = torch.tanh(q.unsqueeze(1) + k) @ v
+    expected = torch.autograd.grad(a, (q, k, v), grad)
+    for x, y in zip(mlp_scores_grad(q.detach(), k.detach(), v.detach(), grad), expected):
+        torch.testing.assert_close(x, y, rtol=1e-13, atol=1e-15)
