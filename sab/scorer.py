@@ -22,6 +22,12 @@ from torch import Tensor, nn
 __all__ = ["MLPScorer", "DotScorer", "ReleaseScorer", "make_scorer", "SCORERS"]
 
 
+# elements (b·n·d_att) of one tile of the ranking: 2**18 float32 = 1 MiB, which stays in cache
+# through the add, the sigmoid and the dot product (the whole (B, n, d_att) tensor at long T
+# does not: tens of MB each pass)
+RANK_TILE = 2 ** 18
+
+
 class MLPScorer(nn.Module):
     """``a_i = v · tanh(W_q ĥ + W_k m_i + b)``, hidden width ``att_hidden`` (SPEC §2.3)."""
 
@@ -68,10 +74,15 @@ class MLPScorer(nn.Module):
         else:
             # v·tanh(z) = 2·v·sigmoid(2z) − Σv: the same scores, but PyTorch's CPU sigmoid is
             # several times faster than its tanh (measured 4× for this ranking in float32)
-            hidden = self._scratch(keys)  # (B, n, d_att), reused: no fresh pages every step
-            torch.add(keys, query.unsqueeze(1), out=hidden)
-            hidden.mul_(2).sigmoid_()
-            scores = (hidden @ self.v).mul_(2).sub_(self.v.sum())  # (B, n)
+            B, n, d = keys.shape
+            scores = keys.new_empty(B, n)
+            rows = max(1, RANK_TILE // max(1, n * d))  # batch rows per tile
+            for s in range(0, B, rows):  # tiles that stay in cache across add, sigmoid and mv
+                hidden = self._scratch(keys[s:s + rows])  # (b, n, d_att), reused every step
+                torch.add(keys[s:s + rows], query[s:s + rows].unsqueeze(1), out=hidden)
+                hidden.mul_(2).sigmoid_()
+                torch.mv(hidden.view(-1, d), self.v, out=scores[s:s + rows].view(-1))
+            scores.mul_(2).sub_(self.v.sum())  # (B, n)
         return scores.topk(k, dim=-1)
 
 
