@@ -203,3 +203,15 @@ def test_lstm_pointwise_equals_the_textbook_formula_and_finite_differences():
     for x, y in zip(lstm_pointwise(gates, c), textbook(gates, c)):
         torch.testing.assert_close(x, y, rtol=1e-14, atol=1e-15)
     assert gradcheck(lstm_pointwise, (gates, c))
+
+
+def test_tiled_ranking_equals_the_definition(monkeypatch):
+    """The MLP ranking in batch tiles (one row per tile here) selects what the definition does."""
+    import sab.scorer
+    monkeypatch.setattr(sab.scorer, "RANK_TILE", 1)
+    T, B, I, H = 17, 4, 3, 5
+    layer = make_sab(I, H, k_trunc=3, k_top=2, k_att=1)
+    x = torch.randn(T, B, I, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    out, _ = layer(x)
+    ref = naive_forward(layer, x)[0]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
