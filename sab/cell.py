@@ -26,12 +26,8 @@ def lstm_pointwise(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """
     if torch.is_grad_enabled() and (gates.requires_grad or c.requires_grad):
         return _LSTMPointwise.apply(gates, c)
-    return _lstm_pointwise_plain(gates, c)
-
-
-def _lstm_pointwise_plain(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """The forward of :class:`_LSTMPointwise` without a graph, rounding for rounding the same
-    (the sparse engine's graph-free forward must equal the reference engine's bit for bit)."""
+    # without a graph: the same operations, rounding for rounding (the sparse engine's graph-free
+    # forward must equal the reference engine's bit for bit)
     return _pointwise_forward(gates, c)[:2]
 
 
@@ -53,20 +49,16 @@ class _LSTMPointwise(torch.autograd.Function):
         return h, c
 
     @staticmethod
-    def backward(ctx, gh: Optional[Tensor], gc: Optional[Tensor]):
+    def backward(ctx, gh: Tensor, gc: Tensor):  # unused outputs arrive as zeros, never None
         act, c_prev, tc = ctx.saved_tensors
         H = c_prev.shape[1]
         si, sf, tg, so = act.split(H, dim=1)
         dgates = torch.empty_like(act)  # (B, 4H), each quarter written in place
         di, df, dg, do = dgates.split(H, dim=1)
-        if gh is None:
-            gh = torch.zeros_like(tc)
         # dc = gc + gh·o·(1 − tanh²c)
         dc = gh * so
         torch.mul(gh, tc, out=do)  # ∂/∂o before the sigmoid's derivative
-        dc.mul_(1 - tc * tc)
-        if gc is not None:
-            dc.add_(gc)
+        dc.mul_(1 - tc * tc).add_(gc)
         do.mul_(so * (1 - so))
         torch.mul(dc, tg, out=di)
         di.mul_(si * (1 - si))
