@@ -34,11 +34,16 @@ def threshold_weights(top: Tensor, delta: Tensor, eps: float = 0.0) -> Tensor:
     smoothly as the kept scores approach the threshold, which bounds ``∂w/∂a`` by ``~2/ε``.
     """
     shifted = torch.relu(top - delta.detach().unsqueeze(-1))  # (..., k), zero gradient at 0
-    total = shifted.sum(-1, keepdim=True)  # (..., 1)
+    return shifted / _denominator(shifted, eps)  # (..., k), sums to 1 (eps=0) or is all zero
+
+
+def _denominator(shifted: Tensor, eps: float) -> Tensor:
+    """``Σã + ε`` of the non-negative ``shifted`` scores (..., k) → (..., 1); with ``ε = 0``,
+    ``Σã`` guarded by 1 where it is 0 (all kept scores tie with δ: the weights are all zero)."""
+    total = shifted.sum(-1, keepdim=True)
     if eps > 0:
-        return shifted / (total + eps)
-    safe = torch.where(total > 0, total, torch.ones_like(total))
-    return shifted / safe  # (..., k), sums to 1 or is all zero
+        return total + eps
+    return torch.where(total > 0, total, torch.ones_like(total))
 
 
 def threshold_weights_grad(grad: Tensor, top: Tensor, delta: Tensor, weights: Tensor,
@@ -50,8 +55,7 @@ def threshold_weights_grad(grad: Tensor, top: Tensor, delta: Tensor, weights: Te
     ``∂L/∂ã_j = (g_j − Σ_i g_i w_i) / D``, and ``relu`` passes it where ``top − δ > 0`` only.
     """
     shifted = top - delta.unsqueeze(-1)  # (..., k)
-    total = torch.relu(shifted).sum(-1, keepdim=True)  # (..., 1)
-    denom = total + eps if eps > 0 else torch.where(total > 0, total, torch.ones_like(total))
+    denom = _denominator(torch.relu(shifted), eps)  # (..., 1)
     g = (grad - (grad * weights).sum(-1, keepdim=True)) / denom
     return torch.where(shifted > 0, g, torch.zeros_like(g))
 
