@@ -23,7 +23,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .layer import SABLSTM
+from .layer import ForwardLog, SABLSTM
 from .memory import MemoryBank, _Graph
 from .state import AttentionRecord, RecurrentState
 
@@ -91,8 +91,7 @@ class _LayerPlan:
     inputs: Tensor  # (T, B, I_l) the layer's input values (after dropout)
     mask: Optional[Tensor]  # (T, B, I_l) dropout scale applied to the input, or None
     store: Optional["MemoryBank"]  # linear bank: every memory visible during the chunk
-    boundaries: list  # [Boundary], one per block, in time order
-    selections: list  # [Selection or None] the ranking of every step that attended
+    log: ForwardLog  # the state entering every block, the ranking of every step that attended
 
 
 def _block_has_loss(loss_fn, start: int, stop: int) -> bool:
@@ -148,11 +147,10 @@ def sparse(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
                 mask = torch.bernoulli(torch.full_like(layer_in, keep)) / keep  # (T, B, H)
                 layer_in = layer_in * mask
             store = _linear_store(layer, l, st.memory[l], T, B, x) if layer.attends else None
-            boundaries, selections = [], []
+            log = ForwardLog(T, B, layer.hidden_size, layer.k_trunc, layer.k_top, x)
             out, h, c, rec = layer._run_layer(l, layer_in, st.h[l], st.c[l], store, st.step,
-                                              return_attention, boundaries, selections,
-                                              keep_outputs=l < L - 1)
-            plans.append(_LayerPlan(layer_in, mask, store, boundaries, selections))
+                                              return_attention, log, keep_outputs=l < L - 1)
+            plans.append(_LayerPlan(layer_in, mask, store, log))
             hs.append(h)
             cs.append(c)
             records.append(rec)
@@ -174,11 +172,12 @@ def sparse(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
                            store.keys.new_zeros(B, n_rows, store.key_size))
         want_in = l > 0 or need_input_grad
         grad_in = torch.zeros_like(plan.inputs) if want_in else None
-        nxt = plan.boundaries[1:]
+        log = plan.log
+        nxt = log.boundaries[1:]
         stops = [b.t for b in nxt] + [T]
         end_ids = [b.next_id for b in nxt] + [0 if store is None else store.next_id]
-        sel_ends = [b.selection_index for b in nxt] + [len(plan.selections)]
-        for bnd, stop, end_id, sel_end in reversed(list(zip(plan.boundaries, stops, end_ids,
+        sel_ends = [b.selection_index for b in nxt] + [log.n_selections]
+        for bnd, stop, end_id, sel_end in reversed(list(zip(log.boundaries, stops, end_ids,
                                                             sel_ends))):
             start = bnd.t
             if l == L - 1:
@@ -197,9 +196,10 @@ def sparse(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
                     bank = MemoryBank(store.values, store.keys, store.slot_ids, store.slot_steps,
                                       bnd.count, bnd.head, bnd.next_id, store.max_memories,
                                       graph, x.new_zeros((), requires_grad=True), linear=True)
-                out, _, _, rec = layer._run_layer(l, inp, bnd.h, bnd.c, bank, st.step + start,
-                                                  l == L - 1, replay=iter(plan.selections[
-                                                      bnd.selection_index:sel_end]))
+                h0, c0 = log.state(bnd.index)
+                out, _, _, rec = layer._run_layer(l, inp, h0, c0, bank, st.step + start,
+                                                  l == L - 1, replay=log.replay(
+                                                      bnd.selection_index, sel_end))
                 roots, grads = [], []
                 if l == L - 1:
                     loss = loss_fn(start, stop, out, rec.summary) if has_loss else None

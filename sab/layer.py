@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cell import attend, lstm_pointwise
+from .cell import Selection, attend, lstm_pointwise
 from .memory import MemoryBank
 from .scorer import SCORERS, make_scorer
 from .state import AttentionRecord, RecurrentState
 
-__all__ = ["SABLSTM", "RecurrentLayerBase", "Boundary"]
+__all__ = ["SABLSTM", "RecurrentLayerBase", "Boundary", "ForwardLog"]
 
 
 def exists(x) -> bool:
@@ -294,15 +294,15 @@ class SABLSTM(RecurrentLayerBase):
         return output, new_state
 
     def _run_layer(self, layer: int, x: Tensor, h: Tensor, c: Tensor, bank: Optional[MemoryBank],
-                   step0: int, record: bool, boundaries: Optional[list] = None,
-                   selections: Optional[list] = None, replay=None, keep_outputs: bool = True):
+                   step0: int, record: bool, log: Optional["ForwardLog"] = None,
+                   replay=None, keep_outputs: bool = True):
         """One layer over the whole chunk: x (T, B, I) -> outputs (T, B, H).
 
-        What the sparse engine needs to recompute a block later: ``boundaries``, if given,
-        receives a :class:`Boundary` at the start of every truncation block (and at step 0), and
-        ``selections`` the ranking of every step that attended; ``replay`` (an iterator over such
-        rankings) makes a recomputation reuse them instead of scoring every memory again;
-        ``keep_outputs=False`` returns no outputs (the sparse engine's top layer recomputes them).
+        What the sparse engine needs to recompute a block later: ``log``, if given, receives the
+        state at the start of every truncation block (and at step 0) and the ranking of every
+        step that attended; ``replay`` (an iterator over such rankings) makes a recomputation
+        reuse them instead of scoring every memory again; ``keep_outputs=False`` returns no
+        outputs (the sparse engine's top layer recomputes them).
         """
         w_ih, w_hh, b_ih, b_hh = self.cell_weights(layer)
         bias = b_ih + b_hh
@@ -315,16 +315,15 @@ class SABLSTM(RecurrentLayerBase):
             cut = exists(self.k_trunc) and g % self.k_trunc == 0
             if cut:
                 h, c = h.detach(), c.detach()  # block truncation (SPEC §3)
-            if exists(boundaries) and (cut or t == 0):
-                boundaries.append(Boundary.at(t, h, c, bank,
-                                              len(selections) if exists(selections) else 0))
+            if exists(log) and (cut or t == 0):
+                log.add_boundary(t, h, c, bank)
             h_hat, c = lstm_pointwise(torch.addmm(xp_t, h, w_hh_t), c)  # (B, H)
             if exists(scorer) and bank.count > 0:
                 att = attend(scorer, h_hat, bank, self.k_top, self.dense,
                              next(replay) if exists(replay) else None, self.att_eps,
                              self.block_score_grad)
-                if exists(selections):
-                    selections.append(att.selection)
+                if exists(log):
+                    log.add_selection(att.selection)
                 h = h_hat + att.summary  # (B, H)
                 if exists(rec):
                     rec.add(att, bank)
@@ -354,24 +353,58 @@ def _projected(x: Tensor, w_ih: Tensor, bias: Tensor):
 
 
 class Boundary(NamedTuple):
-    """The start of a truncation block: its first step (in the chunk), the (detached) state
-    entering it, the memory window then (linear bank: head, count, next_id), and how many
-    rankings had been logged before it."""
+    """The start of a truncation block: its first step (in the chunk), the memory window then
+    (linear bank: head, count, next_id), and how many rankings had been logged before it.  The
+    (detached) state entering it is ``ForwardLog.state(index)``."""
 
+    index: int
     t: int
-    h: Tensor  # (B, H)
-    c: Tensor  # (B, H)
     head: int
     count: int
     next_id: int
     selection_index: int
 
-    @classmethod
-    def at(cls, t: int, h: Tensor, c: Tensor, bank: Optional[MemoryBank],
-           selection_index: int = 0) -> "Boundary":
-        if bank is None:
-            return cls(t, h, c, 0, 0, 0, selection_index)
-        return cls(t, h, c, bank.head, bank.count, bank.next_id, selection_index)
+
+class ForwardLog:
+    """What the sparse engine keeps of one layer's graph-free forward pass to recompute any
+    block later: the (h, c) entering every truncation block and the ranking of every step that
+    attended, each written into a buffer allocated once per chunk.  (Kept as thousands of small
+    tensors, these fragmented the CPU heap: the process's RSS was twice the tensors' size.)
+    """
+
+    def __init__(self, T: int, batch: int, hidden: int, k_trunc: Optional[int], k_top: int,
+                 like: Tensor):
+        n_blocks = 1 if k_trunc is None else 1 + math.ceil(T / k_trunc)
+        self.h = like.new_empty(n_blocks, batch, hidden)  # (blocks, B, H)
+        self.c = like.new_empty(n_blocks, batch, hidden)
+        self.top = like.new_empty(T, batch, k_top + 1)  # (T, B, k+1) the best scores and δ
+        self.slots = torch.empty(T, batch, k_top, dtype=torch.long, device=like.device)
+        self.boundaries: List[Boundary] = []
+        self.n_selections = 0
+
+    def add_boundary(self, t: int, h: Tensor, c: Tensor, bank: Optional[MemoryBank]) -> None:
+        i = len(self.boundaries)
+        self.h[i].copy_(h)
+        self.c[i].copy_(c)
+        window = (0, 0, 0) if bank is None else (bank.head, bank.count, bank.next_id)
+        self.boundaries.append(Boundary(i, t, *window, self.n_selections))
+
+    def add_selection(self, selection: Optional[Selection]) -> None:
+        # None (every memory read: n <= k_top) leaves its row unwritten; ``attend`` ignores the
+        # replayed ranking in that case, so the replay stays in step
+        if selection is not None:
+            self.top[self.n_selections].copy_(selection.top)
+            self.slots[self.n_selections].copy_(selection.slots)
+        self.n_selections += 1
+
+    def state(self, index: int) -> tuple[Tensor, Tensor]:
+        """(h, c) entering the block ``index``, each (B, H)."""
+        return self.h[index], self.c[index]
+
+    def replay(self, start: int, stop: int):
+        """The rankings logged between ``start`` and ``stop``, in order, as ``Selection``."""
+        for i in range(start, stop):
+            yield Selection(self.top[i], self.slots[i])
 
 
 class _Recorder:

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import sab
-from sab.engines import forward_backward
+from sab.engines import _linear_store, forward_backward
+from sab.layer import ForwardLog
 
 from conftest import make_sab, param_grads
 
@@ -93,6 +94,37 @@ def test_states_carry_across_chunks_identically():
         for name in grads["reference"]:
             torch.testing.assert_close(grads["sparse"][name], grads["reference"][name],
                                        rtol=1e-10, atol=1e-10)
+
+
+def test_forward_log_holds_the_state_entering_every_block():
+    """The sparse engine's log of a graph-free forward pass (buffers allocated once per chunk):
+    a boundary at the chunk's start and at every cut of the global step, holding the (h, c) the
+    layer itself reaches there and the memory window then; one ranking per step that read."""
+    T, B, step0, H = 13, 2, 4, 4
+    layer = make_sab(2, H, k_trunc=5, k_top=1, k_att=2)
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(step0, B, 2, dtype=torch.float64, generator=g)
+    x = torch.randn(T, B, 2, dtype=torch.float64, generator=g)
+
+    def carried():  # a fresh state at global step 4 (2 memories), each call its own bank
+        with torch.no_grad():
+            return layer(x0)[1]
+
+    st = carried()
+    log = ForwardLog(T, B, H, layer.k_trunc, layer.k_top, x)
+    store = _linear_store(layer, 0, st.memory[0], T, B, x)
+    with torch.no_grad():
+        layer._run_layer(0, x, st.h[0], st.c[0], store, st.step, False, log)
+    assert [b.t for b in log.boundaries] == [0, 1, 6, 11]  # start, then global steps 5, 10, 15
+    assert log.h.shape[0] >= len(log.boundaries)
+    for b in log.boundaries:
+        with torch.no_grad():
+            ref = layer(x[:b.t], carried())[1] if b.t else carried()
+        h, c = log.state(b.index)
+        torch.testing.assert_close(h, ref.h[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(c, ref.c[0], rtol=1e-12, atol=1e-12)
+        assert (b.count, b.next_id) == (len(ref.memory[0]), ref.memory[0].next_id)
+    assert log.n_selections == T  # memories exist from the first step: every step ranked them
 
 
 def test_input_gradient_flows_to_an_embedding():
