@@ -9,6 +9,8 @@ fitting and the first failing T a few bisection steps refine the answer.
 """
 from __future__ import annotations
 
+import torch
+
 from .common import METHODS, base_parser, finish, fmt_table, machine
 from .peak_memory import measure
 
@@ -17,7 +19,7 @@ GiB = 2 ** 30
 
 def fits(method, T, args) -> tuple[bool, dict]:
     r = measure(method, T, args.batch, args.k_att, timeout=args.max_seconds * 4,
-                device=args.device)
+                device=args.device, threads=args.threads)
     ok = "peak_bytes" in r and r["peak_bytes"] <= args.budget_gib * GiB
     print(f"  {method:18s} T={T:7d}  "
           f"{r.get('peak_bytes', float('nan')) / 2**20:9.0f} MiB  {r.get('seconds', 0):7.1f} s  "
@@ -62,6 +64,7 @@ def main(argv=None) -> dict:
     p.add_argument("--bisect", type=int, default=2)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)  # what each measurement uses, and what the header says
     results = {m: longest(m, args) for m in args.methods}
     rows = [[m, ("≥ " if r["bound"] == "time" else "") + str(r["T"]),
              f"{r.get('peak_bytes', 0) / 2**20:.0f}", f"{r.get('seconds', 0):.0f}",

@@ -21,9 +21,10 @@ from .common import (METHODS, base_parser, current_rss_bytes, finish, fmt_table,
 GiB = 2 ** 30
 
 
-def child(method: str, T: int, batch: int, k_att: int, device: str = "cpu") -> dict:
+def child(method: str, T: int, batch: int, k_att: int, device: str = "cpu",
+          threads: int = 1) -> dict:
     """One training step in this (fresh) process: CPU peak RSS or CUDA allocator peak."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     step = make_step(METHODS[method], T, batch=batch, k_att=k_att, device=device)
     cuda = device.startswith("cuda")
     if cuda:
@@ -44,9 +45,10 @@ def child(method: str, T: int, batch: int, k_att: int, device: str = "cpu") -> d
 
 
 def measure(method: str, T: int, batch: int, k_att: int, timeout: float = 3600,
-            device: str = "cpu") -> dict:
+            device: str = "cpu", threads: int = 1) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.peak_memory", "--child", method, str(T),
-           "--batch", str(batch), "--k-att", str(k_att), "--device", device]
+           "--batch", str(batch), "--k-att", str(k_att), "--device", device,
+           "--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
         return {"method": method, "T": T, "error": out.stderr.strip().splitlines()[-1:]}
@@ -63,14 +65,15 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu", help="cpu (peak RSS) or cuda (allocator peak)")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "T"), help=argparse_hidden())
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)  # what the children use, and what the header says
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.batch, args.k_att,
-                               args.device)))
+                               args.device, args.threads)))
         return {}
     rows, results = [], []
     for T in args.T:
         for m in args.methods:
-            r = measure(m, T, args.batch, args.k_att, device=args.device)
+            r = measure(m, T, args.batch, args.k_att, device=args.device, threads=args.threads)
             results.append(r)
             shown = f"{r['peak_bytes'] / 2**20:.0f} MiB" if "peak_bytes" in r else r["error"]
             print(f"  {m:18s} T={T:6d}  {shown}  "
