@@ -65,11 +65,11 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cpu", help="cpu (peak RSS) or cuda (allocator peak)")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "T"), help=argparse_hidden())
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)  # what the children use, and what the header says
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.batch, args.k_att,
                                args.device, args.threads)))
         return {}
+    torch.set_num_threads(args.threads)  # what the children use, and what the header says
     rows, results = [], []
     for T in args.T:
         for m in args.methods:
