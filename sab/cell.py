@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .memory import MemoryBank
 from .scorer import MLPScorer, mlp_scores_grad
-from .sparsifier import threshold_weights, threshold_weights_grad
+from .sparsifier import threshold_delta_grad, threshold_weights, threshold_weights_grad
 
 __all__ = ["lstm_pointwise", "attend", "Attention", "Selection"]
 
@@ -77,26 +77,33 @@ class _MLPSparseWeights(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query: Tensor, keys: Tensor, v: Tensor, top: Tensor, eps: float):
+    def forward(ctx, query: Tensor, keys: Tensor, v: Tensor, top: Tensor, eps: float,
+                key_delta: Optional[Tensor] = None):
         k = keys.shape[1]
         kept, delta = top[:, :k], top[:, k]
         weights = threshold_weights(kept, delta, eps)  # (B, k)
-        ctx.save_for_backward(query, keys, v, kept, delta, weights)
+        ctx.save_for_backward(query, keys, v, kept, delta, weights, key_delta)
         ctx.eps = eps
         return weights
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        query, keys, v, kept, delta, weights = ctx.saved_tensors
+        query, keys, v, kept, delta, weights, key_delta = ctx.saved_tensors
         g_scores = threshold_weights_grad(grad, kept, delta, weights, ctx.eps)  # (B, k)
-        g_query, g_keys, g_v = mlp_scores_grad(query, keys, v, g_scores)
-        return g_query, g_keys, g_v, None, None
+        if key_delta is None:  # δ constant (SPEC §2.4)
+            g_query, g_keys, g_v = mlp_scores_grad(query, keys, v, g_scores)
+            return g_query, g_keys, g_v, None, None, None
+        # δ's gradient too: the (k+1)-th memory's score is one more MLP score
+        g_all = torch.cat([g_scores, threshold_delta_grad(g_scores)], 1)  # (B, k+1)
+        g_query, g_keys, g_v = mlp_scores_grad(query, torch.cat([keys, key_delta], 1), v, g_all)
+        k = keys.shape[1]
+        return g_query, g_keys[:, :k], g_v, None, None, g_keys[:, k:]
 
 
 class Selection(NamedTuple):
     """What the ranking of one step chose: replayed when the sparse engine recomputes a block."""
     top: Tensor  # (B, k+1)  the k_top best scores and δ, sorted
-    slots: Tensor  # (B, k)  slots of the k_top best memories
+    slots: Tensor  # (B, k+1)  slots of the k_top best memories and of δ's memory
 
 
 class Attention(NamedTuple):
@@ -108,7 +115,7 @@ class Attention(NamedTuple):
 
 def attend(scorer, h_hat: Tensor, bank: MemoryBank, k_top: int, dense: bool = False,
            selection: Optional[Selection] = None, eps: float = 0.0,
-           block_score_grad: bool = False) -> Attention:
+           block_score_grad: bool = False, delta_grad: bool = False) -> Attention:
     """Summary ``s(t) = Σ_i w_i m_i`` over the memory (SPEC §2.3–2.5).
 
     Sparse (``dense=False``) with ``n > k_top``: every memory is scored without a graph (the scores
@@ -119,7 +126,9 @@ def attend(scorer, h_hat: Tensor, bank: MemoryBank, k_top: int, dense: bool = Fa
     ``selection``: the ranking this step made before (the sparse engine's recomputation replays
     it instead of scoring every memory again).  ``block_score_grad``: the query reads ĥ detached
     (the bank's keys were then written from detached memories), so the scores send gradient to
-    the scorer's parameters only.
+    the scorer's parameters only.  ``delta_grad`` (with ``block_score_grad``): the threshold δ
+    passes its gradient on to the scorer's parameters through the (k_top+1)-th memory's score,
+    its key recomputed from the stored memory (no credit reaches that memory).
     """
     start, stop = bank.window()
     n = stop - start
@@ -133,16 +142,23 @@ def attend(scorer, h_hat: Tensor, bank: MemoryBank, k_top: int, dense: bool = Fa
         if selection is None:
             with torch.no_grad():
                 top, slots = scorer.rank(query, bank.keys[:, start:stop], k_top + 1)  # (B, k+1)
-            selection = Selection(top, slots[:, :k_top] + start)
-        top, slots = selection  # (B, k+1), (B, k)
+            selection = Selection(top, slots + start)
+        top, slots = selection[0], selection[1][:, :k_top]  # (B, k+1), (B, k)
         values, keys = bank.gather(slots)  # (B, k, H), (B, k, d_k)
+        key_delta = None
+        if delta_grad and torch.is_grad_enabled():  # δ's memory: its key, graph to W_k only
+            key_delta = scorer.keys(bank.stored_values(selection[1][:, k_top:]))  # (B, 1, d_k)
         if type(scorer) is MLPScorer and torch.is_grad_enabled():
             # the same maths as below in one autograd node (see _MLPSparseWeights)
-            weights = _MLPSparseWeights.apply(query, keys, scorer.v, top, eps)  # (B, k)
-        else:
+            weights = _MLPSparseWeights.apply(query, keys, scorer.v, top, eps, key_delta)
+        elif key_delta is None:
             scores = scorer.scores(query, keys)  # (B, k) with graph
             # Forward values exactly those that were ranked; gradient of the re-scored ones.
             scores = scores - scores.detach() + top[:, :k_top]
             weights = threshold_weights(scores, top[:, k_top], eps)  # (B, k), δ stop-gradient
+        else:
+            scores = scorer.scores(query, torch.cat([keys, key_delta], 1))  # (B, k+1)
+            scores = scores - scores.detach() + top
+            weights = threshold_weights(scores[:, :k_top], scores[:, k_top], eps, delta_grad=True)
     summary = (weights.unsqueeze(1) @ values).squeeze(1)  # (B, 1, m) @ (B, m, H) -> (B, H)
     return Attention(summary, weights, slots, selection)

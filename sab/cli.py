@@ -44,7 +44,8 @@ _MODEL_FLAGS = {"model": "name", "hidden": "hidden", "num_layers": "num_layers",
                 "k_trunc": "k_trunc", "k_top": "k_top", "k_att": "k_att",
                 "att_hidden": "att_hidden", "scorer": "scorer", "dropout": "dropout",
                 "fused_scorer": "fused_scorer", "max_memories": "max_memories", "embed": "embed",
-                "att_eps": "att_eps", "block_score_grad": "block_score_grad"}
+                "att_eps": "att_eps", "block_score_grad": "block_score_grad",
+                "delta_grad": "delta_grad"}
 _TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "lr": "lr",
                 "lr_schedule": "lr_schedule", "clip": "clip",
                 "eval_every": "eval_every", "ckpt_every": "ckpt_every",
@@ -140,6 +141,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="sab, selfattn: the attention scores send gradient to the scorer's "
                         "parameters only, not into the states (the authors' "
                         "block_attn_grad_past; keeps long memory chains stable)")
+    g.add_argument("--delta-grad", action="store_true", default=S,
+                   help="sab, with --block-score-grad: the threshold δ (the (k_top+1)-th score) "
+                        "passes its gradient on to the scorer's parameters, as in the authors' "
+                        "code; without it δ is a constant (SPEC §2.4)")
     g.add_argument("--fused-scorer", action="store_true", default=S,
                    help="sab: rank memories with a torch.compile'd kernel (long T)")
     g.add_argument("--dropout", type=_nonneg_float, default=S, help="between layers")

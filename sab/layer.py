@@ -178,6 +178,15 @@ class SABLSTM(RecurrentLayerBase):
             hop is scaled by ``|m_i − s| / Σã``, which compounds over the hops of a memory chain
             and made copying T=100 overflow to an infinite gradient within 300 steps; with the
             scores blocked a hop scales credit by ``w_i ≤ 1`` (README, "Training stability").
+        delta_grad: with ``block_score_grad=True`` only. ``False`` (default, SPEC §2.4): the
+            threshold δ is a constant in the backward pass.  ``True``: δ — the (k_top+1)-th
+            memory's score — passes its gradient on to the scorer's parameters (never to a
+            memory: its key is recomputed from the stored value), so the scorer's gradient is
+            the true derivative of the weights (the authors' code, whose δ is a differentiable
+            ``topk`` value, does the same).  With δ constant, raising every kept score relative
+            to δ looks like a way to change the weights, which it is not: on copying T=100 that
+            spurious gradient went into the MLP's ``v``, was 100× the rest of the gradient and
+            grew ``|v|`` at Adam's full rate (README, "Training stability").
 
     ``output, state = layer(x, state=None)``; ``x`` is (T, B, I), (B, T, I) with batch_first, or
     unbatched (T, I); ``output`` is h(t) of the last layer, (T, B, H).  With
@@ -191,7 +200,8 @@ class SABLSTM(RecurrentLayerBase):
                  k_att: int, num_layers: int = 1, batch_first: bool = False,
                  att_hidden: Optional[int] = None, max_memories: Optional[int] = None,
                  dropout: float = 0.0, scorer: str = "mlp", fused_scorer: bool = False,
-                 att_eps: float = 0.0, block_score_grad: bool = False, device=None, dtype=None):
+                 att_eps: float = 0.0, block_score_grad: bool = False, delta_grad: bool = False,
+                 device=None, dtype=None):
         super().__init__()
         _check_int("input_size", input_size, 1)
         _check_int("hidden_size", hidden_size, 1)
@@ -209,6 +219,13 @@ class SABLSTM(RecurrentLayerBase):
         if not isinstance(block_score_grad, bool):
             raise ValueError(f"block_score_grad must be True or False, got {block_score_grad!r}")
         self.block_score_grad = block_score_grad
+        if not isinstance(delta_grad, bool):
+            raise ValueError(f"delta_grad must be True or False, got {delta_grad!r}")
+        if delta_grad and not block_score_grad:
+            raise ValueError("delta_grad=True needs block_score_grad=True: with the scores' "
+                             "credit going into the memories, δ's gradient would credit the "
+                             "(k_top+1)-th memory, which SPEC §3 forbids")
+        self.delta_grad = delta_grad
         if scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {scorer!r}")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
@@ -243,7 +260,7 @@ class SABLSTM(RecurrentLayerBase):
                 f"k_trunc={self.k_trunc}, k_top={self.k_top}, k_att={self.k_att}, "
                 f"att_hidden={self.att_hidden}, max_memories={self.max_memories}, "
                 f"scorer={self.scorer_name!r}, att_eps={self.att_eps}, "
-                f"block_score_grad={self.block_score_grad}, batch_first={self.batch_first}, "
+                f"block_score_grad={self.block_score_grad}, delta_grad={self.delta_grad}, batch_first={self.batch_first}, "
                 f"dropout={self.dropout}")
 
     def cell_weights(self, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -321,7 +338,7 @@ class SABLSTM(RecurrentLayerBase):
             if exists(scorer) and bank.count > 0:
                 att = attend(scorer, h_hat, bank, self.k_top, self.dense,
                              next(replay) if exists(replay) else None, self.att_eps,
-                             self.block_score_grad)
+                             self.block_score_grad, self.delta_grad)
                 if exists(log):
                     log.add_selection(att.selection)
                 h = h_hat + att.summary  # (B, H)
@@ -378,7 +395,8 @@ class ForwardLog:
         self.h = like.new_empty(n_blocks, batch, hidden)  # (blocks, B, H)
         self.c = like.new_empty(n_blocks, batch, hidden)
         self.top = like.new_empty(T, batch, k_top + 1)  # (T, B, k+1) the best scores and δ
-        self.slots = torch.empty(T, batch, k_top, dtype=torch.long, device=like.device)
+        # (T, B, k+1) slots of the k_top best memories and of δ's
+        self.slots = torch.empty(T, batch, k_top + 1, dtype=torch.long, device=like.device)
         self.boundaries: List[Boundary] = []
         self.n_selections = 0
 

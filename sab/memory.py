@@ -320,6 +320,11 @@ class MemoryBank:
             return _Gather.apply(self.token, self.values, self.keys, slots, ids, self.graph)
         return _gather_rows(self.values, slots), _gather_rows(self.keys, slots)
 
+    def stored_values(self, slots: Tensor) -> Tensor:
+        """The memories at ``slots`` (B, m) → (B, m, H) as stored: values without a graph, so
+        nothing computed from them sends credit to a memory."""
+        return _gather_rows(self.values, slots)
+
     def gather_all(self) -> tuple[Tensor, Tensor]:
         """All valid memories and keys, (B, n, H), (B, n, d_k), in slot order."""
         start, stop = self.window()

@@ -35,11 +35,13 @@ def _scores(layer_module, l: int, h_hat: Tensor, mems: Tensor) -> Tensor:
     return torch.tanh(q.unsqueeze(1) + k) @ scorer.v  # (B, n)
 
 
-def _weights(scores: Tensor, k_top: int, dense: bool, eps: float = 0.0) -> Tensor:
+def _weights(scores: Tensor, k_top: int, dense: bool, eps: float = 0.0,
+             delta_grad: bool = False) -> Tensor:
     n = scores.shape[-1]
     if dense or n <= k_top:
         return torch.softmax(scores, dim=-1)
-    delta = scores.topk(k_top + 1, dim=-1).values[:, -1:].detach()  # (B, 1) stop-gradient
+    delta = scores.topk(k_top + 1, dim=-1).values[:, -1:]  # (B, 1)
+    delta = delta if delta_grad else delta.detach()  # stop-gradient unless delta_grad
     shifted = torch.relu(scores - delta)  # (B, n)
     total = shifted.sum(-1, keepdim=True)
     if eps > 0:
@@ -80,7 +82,8 @@ def naive_forward(layer, x: Tensor, h0: Optional[Tensor] = None, c0: Optional[Te
                     scores = _scores(layer, l, h_hat.detach(), M.detach())
                 else:
                     scores = _scores(layer, l, h_hat, M)
-                w = _weights(scores, layer.k_top, layer.dense, layer.att_eps)  # (B, n)
+                w = _weights(scores, layer.k_top, layer.dense, layer.att_eps,
+                             layer.delta_grad)  # (B, n)
                 s = (w.unsqueeze(-1) * M).sum(1)  # dense sum over all n memories
             h = h_hat + s
             if attends and (g + 1) % layer.k_att == 0:

@@ -23,17 +23,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["sparsify", "topk_select", "threshold_weights", "threshold_weights_grad"]
+__all__ = ["sparsify", "topk_select", "threshold_weights", "threshold_weights_grad",
+           "threshold_delta_grad"]
 
 
-def threshold_weights(top: Tensor, delta: Tensor, eps: float = 0.0) -> Tensor:
+def threshold_weights(top: Tensor, delta: Tensor, eps: float = 0.0,
+                      delta_grad: bool = False) -> Tensor:
     """Weights of the kept scores ``top`` (..., k) given the threshold ``delta`` (...).
 
     ``delta`` is detached here: it is a constant for the backward pass (SPEC §2.4).  ``eps > 0``
     gives the paper's ``ã / (Σ ã + ε)``: weights then sum to ``Σã / (Σã + ε)`` and fade out
     smoothly as the kept scores approach the threshold, which bounds ``∂w/∂a`` by ``~2/ε``.
+    ``delta_grad=True`` keeps δ's gradient (the true derivative of the weights where the ranking
+    is constant); the caller must make sure it reaches no memory (``SABLSTM(delta_grad=True)``).
     """
-    shifted = torch.relu(top - delta.detach().unsqueeze(-1))  # (..., k), zero gradient at 0
+    delta = delta if delta_grad else delta.detach()
+    shifted = torch.relu(top - delta.unsqueeze(-1))  # (..., k), zero gradient at 0
     return shifted / _denominator(shifted, eps)  # (..., k), sums to 1 (eps=0) or is all zero
 
 
@@ -58,6 +63,13 @@ def threshold_weights_grad(grad: Tensor, top: Tensor, delta: Tensor, weights: Te
     denom = _denominator(torch.relu(shifted), eps)  # (..., 1)
     g = (grad - (grad * weights).sum(-1, keepdim=True)) / denom
     return torch.where(shifted > 0, g, torch.zeros_like(g))
+
+
+def threshold_delta_grad(grad_top: Tensor) -> Tensor:
+    """``∂L/∂δ`` (..., 1) from ``∂L/∂top`` (..., k) as :func:`threshold_weights_grad` returns it:
+    every kept score above δ enters as ``top_i − δ`` (the others carry a zero already), so
+    ``∂L/∂δ = −Σ_i ∂L/∂top_i``."""
+    return -grad_top.sum(-1, keepdim=True)
 
 
 def topk_select(scores: Tensor, k_top: int, eps: float = 0.0) -> tuple[Tensor, Tensor]:

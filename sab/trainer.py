@@ -88,6 +88,7 @@ class ModelConfig:
     fused_scorer: bool = False  # sab: torch.compile'd ranking kernel
     att_eps: float = 0.0  # sab: ε of w = ã / (Σã + ε); 0 = exact normalisation
     block_score_grad: bool = False  # sab, selfattn: scores send gradient to the scorer only
+    delta_grad: bool = False  # sab, with block_score_grad: δ's gradient reaches the scorer
     max_memories: Optional[int] = None  # sab, selfattn: memories kept per layer (None: all)
     embed: int = 64  # tasks with token inputs (ptb, text8): embedding size
 
@@ -146,10 +147,13 @@ class RunConfig:
                                            or m.max_memories < 1):
             raise ConfigError(f"max_memories must be an integer >= 1 or null, got "
                               f"{m.max_memories!r}")
-        for name in ("block_score_grad", "fused_scorer"):
+        for name in ("block_score_grad", "fused_scorer", "delta_grad"):
             value = getattr(m, name, None)
             if value is not None and not isinstance(value, bool):
                 raise ConfigError(f"{name} must be true or false, got {value!r}")
+        if m.delta_grad and not m.block_score_grad:
+            raise ConfigError("delta_grad needs block_score_grad: δ's gradient may reach the "
+                              "scorer's parameters only, never a memory (SPEC §3)")
         if not isinstance(m.k_top, int) or m.k_top < 0:
             raise ConfigError(f"k_top must be an integer >= 0, got {m.k_top!r}")
         for name, value in (("lr", t.lr), ("clip", t.clip)):
@@ -212,7 +216,8 @@ def build_model(config: RunConfig, task: Task) -> SequenceModel:
     given = {"k_trunc": m.k_trunc, "k_top": m.k_top, "k_att": m.k_att, "num_layers": m.num_layers,
              "att_hidden": m.att_hidden, "scorer": m.scorer, "dropout": m.dropout,
              "fused_scorer": m.fused_scorer, "max_memories": m.max_memories,
-             "att_eps": m.att_eps, "block_score_grad": m.block_score_grad}
+             "att_eps": m.att_eps, "block_score_grad": m.block_score_grad,
+             "delta_grad": m.delta_grad}
     takes = set(model_arguments(m.name))
     embedding = nn.Embedding(task.input_vocab, m.embed) if task.input_vocab else None
     rnn = build_rnn(m.name, m.embed if embedding is not None else task.input_size, m.hidden,

@@ -127,3 +127,67 @@ def test_blocked_scores_credit_memories_through_the_summary_alone(scorer, n):
                        or (getattr(layer, f"weight_{w}_l0").grad == 0).all() for w in ("ih", "hh"))
     torch.testing.assert_close(got[True][0], got[True][1], rtol=1e-12, atol=1e-14)
     assert not torch.allclose(got[False][0], got[False][1])
+
+
+@pytest.mark.parametrize("scorer", ["mlp", "dot", "release"])
+@pytest.mark.parametrize("eps", [0.0, 0.05])
+def test_delta_grad_gives_the_scorer_the_true_derivative(scorer, eps):
+    """With the scores blocked, the scorer's parameters reach the loss through the weights alone.
+    ``delta_grad=True``: their gradient is the true derivative (central finite differences in
+    float64, the ranking fixed), δ's own score included; with δ constant (the default) it is
+    not.  Either way every memory gets exactly w_i·g and the (k_top+1)-th memory nothing."""
+    from sab import RecurrentState
+    from sab.memory import MemoryBank
+    B, H, k, n = 4, 5, 3, 7
+    gen = torch.Generator().manual_seed(11)
+    mems = [torch.randn(B, H, dtype=torch.float64, generator=gen) for _ in range(n)]
+    x = torch.randn(1, B, 3, dtype=torch.float64, generator=gen)
+    g = torch.randn(B, H, dtype=torch.float64, generator=gen)
+
+    def loss(layer, track=None):
+        sc = layer.scorers[0]
+        bank = MemoryBank.empty(B, H, sc.key_size, dtype=torch.float64)
+        for j, m in enumerate(mems):
+            m = m.clone().requires_grad_(track is not None)
+            if track is not None:
+                track.append(m)
+            bank.write(m, sc.keys(m.detach()), j)  # blocked scores: keys of detached memories
+        state = RecurrentState(torch.zeros(1, B, H, dtype=torch.float64),
+                               torch.zeros(1, B, H, dtype=torch.float64), [bank], n)
+        _, _, (rec,) = layer(x, state, return_attention=True)
+        return (rec.summary[0] * g).sum(), rec
+
+    grads = {}
+    for delta_grad in (False, True):
+        layer = make_sab(3, H, k_trunc=1, k_top=k, k_att=100, seed=3, scorer=scorer,
+                         att_eps=eps, block_score_grad=True, delta_grad=delta_grad)
+        sc = layer.scorers[0]
+        tracked = []
+        value, rec = loss(layer, tracked)
+        value.backward()
+        grads[delta_grad] = {name: p.grad.clone() for name, p in sc.named_parameters()}
+        # memories: exactly the value path, w_i·g, and nothing for unselected ones
+        expected = torch.zeros(B, n, H, dtype=torch.float64)
+        for b in range(B):
+            for i, w in zip(rec.indices[0, b].tolist(), rec.weights[0, b]):
+                expected[b, i] += w * g[b]
+        got = torch.stack([torch.zeros(B, H, dtype=torch.float64) if m.grad is None else m.grad
+                           for m in tracked], 1)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    # finite differences of the loss along each scorer parameter
+    fd = {}
+    with torch.no_grad():
+        for name, p in sc.named_parameters():
+            d = torch.randn(p.shape, dtype=torch.float64, generator=gen)
+            p.add_(d, alpha=1e-6)
+            up = loss(layer)[0]
+            p.add_(d, alpha=-2e-6)
+            down = loss(layer)[0]
+            p.add_(d, alpha=1e-6)
+            fd[name] = ((up - down) / 2e-6).item(), d
+    for name, (numeric, d) in fd.items():
+        assert (grads[True][name] * d).sum().item() == pytest.approx(numeric, rel=1e-6, abs=1e-9)
+    # δ constant: some parameter's gradient is not the derivative (the spurious "raise every
+    # kept score above δ" direction)
+    assert any(abs((grads[False][name] * d).sum().item() - numeric) > 1e-4 * (1 + abs(numeric))
+               for name, (numeric, d) in fd.items())

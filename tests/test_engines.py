@@ -43,6 +43,10 @@ CONFIGS = [
     dict(k_trunc=3, k_top=0, k_att=1),
     dict(k_trunc=3, k_top=2, k_att=1, block_score_grad=True, num_layers=2),
     dict(k_trunc=4, k_top=2, k_att=2, block_score_grad=True, scorer="dot", att_eps=0.05),
+    dict(k_trunc=3, k_top=2, k_att=1, block_score_grad=True, delta_grad=True, num_layers=2,
+         att_eps=0.05),
+    dict(k_trunc=4, k_top=2, k_att=2, block_score_grad=True, delta_grad=True, scorer="dot",
+         max_memories=4),
 ]
 
 

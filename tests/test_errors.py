@@ -19,6 +19,8 @@ from conftest import make_sab
     (dict(num_layers=0), "num_layers"),
     (dict(dropout=1.0), "dropout"),
     (dict(scorer="dot-product-of-doom"), "scorer must be one of"),
+    (dict(delta_grad=True), "delta_grad=True needs block_score_grad=True"),
+    (dict(delta_grad=1, block_score_grad=True), "delta_grad must be True or False"),
 ])
 def test_bad_hyperparameters(kw, match):
     args = dict(k_trunc=2, k_top=1, k_att=1)

@@ -100,6 +100,10 @@ def test_nothing_cut_nothing_thresholded_is_the_true_derivative(scorer, num_laye
     dict(k_trunc=2, k_top=4, k_att=1, att_hidden=7, num_layers=3),
     dict(k_trunc=3, k_top=2, k_att=1, block_score_grad=True, num_layers=2),
     dict(k_trunc=4, k_top=3, k_att=2, block_score_grad=True, scorer="release"),
+    dict(k_trunc=3, k_top=2, k_att=1, block_score_grad=True, delta_grad=True, att_eps=0.05,
+         num_layers=2),
+    dict(k_trunc=4, k_top=3, k_att=2, block_score_grad=True, delta_grad=True, scorer="release"),
+    dict(k_trunc=3, k_top=2, k_att=1, block_score_grad=True, delta_grad=True, scorer="dot"),
 ])
 def test_equals_the_definition_outputs_and_gradients(kw):
     T, B, I, H = 23, 3, 4, 5

@@ -169,3 +169,12 @@ def test_unknown_lr_schedule_is_a_config_error():
     cfg.train.lr_schedule = "linear"
     with pytest.raises(ConfigError, match="lr_schedule must be one of constant, cosine"):
         cfg.resolved()
+
+
+def test_delta_grad_without_blocked_scores_is_a_config_error():
+    cfg = tiny("sab")
+    cfg.model.delta_grad = True
+    with pytest.raises(ConfigError, match="delta_grad needs block_score_grad"):
+        cfg.resolved()
+    cfg.model.block_score_grad = True
+    assert cfg.resolved().model.delta_grad is True
