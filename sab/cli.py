@@ -255,15 +255,23 @@ def resolve_train_config(args: argparse.Namespace):
 
 
 def cmd_train(args) -> int:
-    from .trainer import NonFiniteLoss, Trainer, init_distributed_from_env
+    from .trainer import NonFiniteLoss, Trainer, init_distributed_from_env, stop_on_signals
 
     config = resolve_train_config(args)
     init_distributed_from_env()
     command = " ".join(shlex.quote(a) for a in ["sab"] + sys.argv[1:])
     trainer = Trainer(config, args.out, command=command, debug_nan_at_step=args.debug_nan_at_step,
                       progress_position=args.bar_position)
+    def on_stop(name: str) -> None:
+        print(f"sab: {name}: stopping after this step (checkpoint) ...", file=sys.stderr)
+        trainer.stop_requested = True
+
     try:
-        last = trainer.run()
+        if trainer.world > 1:  # ranks must stop at the same step: leave signals to torchrun
+            last = trainer.run()
+        else:
+            with stop_on_signals(on_stop):
+                last = trainer.run()
     except NonFiniteLoss as e:
         ckpt = Path(args.out) / "ckpt.pt"
         kept = f"the last good checkpoint {ckpt} is kept" if ckpt.exists() else \

@@ -39,11 +39,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -304,6 +306,28 @@ def learning_rate(t: "TrainConfig", step: int) -> float:
     if t.lr_schedule == "cosine":
         return t.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, t.steps) / t.steps))
     return t.lr
+
+
+@contextmanager
+def stop_on_signals(on_stop: Callable[[str], None]):
+    """While inside, SIGINT and SIGTERM call ``on_stop(name)`` — the caller then stops after the
+    current step with a checkpoint — and a second signal raises ``KeyboardInterrupt`` (the last
+    checkpoint is kept).  Installed explicitly, so it also works for a job started in the
+    background, where a non-interactive shell leaves SIGINT ignored."""
+    fired = []
+
+    def handler(signum, frame):
+        if fired:
+            raise KeyboardInterrupt
+        fired.append(signal.Signals(signum).name)
+        on_stop(fired[0])
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield fired
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 class Trainer:

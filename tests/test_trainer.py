@@ -108,6 +108,31 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     assert len((killed / "cmd.txt").read_text().splitlines()) == 2  # both invocations echoed
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_after_the_step_with_a_checkpoint(tmp_path, sig):
+    """SIGINT or SIGTERM: the run stops after the current step, writes its checkpoint there and
+    exits 0; restarted, it finishes.  SIGINT is sent to a process that inherited it ignored, as a
+    job started in the background by a non-interactive shell does."""
+    out = tmp_path / "run"
+    proc = _sab(CMD + ["--out", str(out)],
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / CKPT).exists():
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopping after this step" in err
+    step = torch.load(out / CKPT, weights_only=False)["step"]
+    assert 0 < step < 150
+    assert all(m["step"] <= step for m in _metrics(out))
+    resumed = _sab(CMD + ["--out", str(out)])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    steps = [m["step"] for m in _metrics(out)]
+    assert steps == sorted(set(steps)) and steps[-1] == 150
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     trainer = Trainer(tiny("sab", steps=20), tmp_path, debug_nan_at_step=8)
     with pytest.raises(NonFiniteLoss, match="at step 8") as info:
