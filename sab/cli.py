@@ -327,7 +327,7 @@ def cmd_plot(args) -> int:
 DEMO = {"T": 5, "steps": 11000, "hidden": 64, "batch_size": 64, "lr": 5e-3,
         "lr_schedule": "cosine", "clip": 0.0,
         "k_trunc": 5, "k_top": 3, "k_att": 1, "eval_every": 250, "one_hot": True,
-        "block_score_grad": True}
+        "block_score_grad": True, "delta_grad": True, "att_eps": 0.01}
 
 
 def cmd_demo(args) -> int:
@@ -353,6 +353,10 @@ def cmd_demo(args) -> int:
     sab_flags = ["--model", "sab", "--k-top", str(d["k_top"]), "--k-att", str(d["k_att"])]
     if d["block_score_grad"]:
         sab_flags.append("--block-score-grad")
+    if d["delta_grad"]:
+        sab_flags.append("--delta-grad")
+    if d["att_eps"]:
+        sab_flags += ["--att-eps", str(d["att_eps"])]
     runs = {"sab": common + sab_flags,
             "tbptt": common + ["--model", "tbptt"]}
     t0 = time.time()
