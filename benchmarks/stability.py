@@ -9,8 +9,9 @@ the run stayed finite (a non-finite loss stops the trainer with NonFiniteLoss).
     python benchmarks/stability.py --seeds 0 1 --steps 300 --T 10 --hidden 32   # minutes
     python benchmarks/stability.py --seeds 0 --steps 400 --full-score-grad     # SPEC §3's default
 
-SAB's settings default to the reproduction rows' (``sab.repro``): ε = 0.01 and the scores'
-gradient blocked from the states (``block_score_grad``); ``--full-score-grad`` and ``--att-eps 0``
+SAB's settings default to the reproduction rows' (``sab.repro``): ε = 0.01, the scores'
+gradient blocked from the states (``block_score_grad``) and δ's gradient into the scorer
+(``delta_grad``); ``--const-delta``, ``--full-score-grad`` (which implies it) and ``--att-eps 0``
 measure the layer's defaults instead.
 
 Exit status 1 if any seed diverged (non-finite, or a training loss above --max-loss).
@@ -20,7 +21,7 @@ import json
 import sys
 import time
 
-from sab.repro import SAB_BLOCK, SAB_EPS
+from sab.repro import SAB_BLOCK, SAB_DELTA_GRAD, SAB_EPS
 from sab.trainer import ModelConfig, NonFiniteLoss, RunConfig, TrainConfig, Trainer
 
 
@@ -28,7 +29,8 @@ def run_seed(seed, a):
     cfg = RunConfig("copy", {"T": a.T, "one_hot": a.one_hot, "eval_size": 256},
                     ModelConfig(name="sab", hidden=a.hidden, k_trunc=a.k_trunc, k_top=a.k_top,
                                 k_att=a.k_att, att_eps=a.att_eps,
-                                block_score_grad=not a.full_score_grad),
+                                block_score_grad=not a.full_score_grad,
+                                delta_grad=not (a.full_score_grad or a.const_delta)),
                     TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, clip=a.clip,
                                 eval_every=a.eval_every, ckpt_every=a.steps, seed=seed))
     trainer = Trainer(cfg)
@@ -62,6 +64,8 @@ def main(argv=None):
     p.add_argument("--att-eps", type=float, default=SAB_EPS)
     p.add_argument("--full-score-grad", action="store_true", default=not SAB_BLOCK,
                    help="let the scores' gradient into the memories and ĥ (SPEC §3's default)")
+    p.add_argument("--const-delta", action="store_true", default=not SAB_DELTA_GRAD,
+                   help="hold the threshold δ constant in the backward pass (SPEC §2.4)")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--max-loss", type=float, default=10.0,
                    help="a training loss above this counts as divergence (chance is ~2.3)")

@@ -339,6 +339,9 @@ def cmd_demo(args) -> int:
         d["T"] = args.T
     if args.steps:
         d["steps"] = args.steps
+    if args.dry_run:  # the demo's explicit flags would override --dry-run's sizes
+        d.update(steps=DRY_RUN["steps"], eval_every=DRY_RUN["eval_every"],
+                 hidden=DRY_RUN["hidden"], batch_size=DRY_RUN["batch_size"])
     common = ["--task", "copy", "--T", str(d["T"]), "--hidden", str(d["hidden"]),
               "--batch-size", str(d["batch_size"]), "--lr", str(d["lr"]), "--lr-schedule",
               d["lr_schedule"], "--clip", str(d["clip"]),

@@ -120,3 +120,15 @@ def test_python_dash_m_sab_and_help():
     for flag in ("--k-trunc", "--k-top", "--k-att", "--batch-size", "--lr", "--clip",
                  "--hidden", "--seed", "--eval-every", "--engine", "--config", "--dry-run"):
         assert flag in out.stdout
+
+
+def test_demo_dry_run_trains_both_models_and_writes_the_attention_map(tmp_path, capsys):
+    """``sab demo --dry-run`` runs the demo's whole path (two processes, the table, the plots) in
+    seconds: the demo's own flags must not override --dry-run's sizes."""
+    assert main(["demo", "--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "SAB k_top=3" in out and "TBPTT k_trunc=5" in out and "no memory (chance)" in out
+    assert (tmp_path / "sab" / "attention.png").exists()
+    for name in ("sab", "tbptt"):
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        assert config["train"]["steps"] == 2 and config["model"]["hidden"] == 8
