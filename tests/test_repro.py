@@ -36,6 +36,25 @@ def test_copying_rows_cover_spec_section_7():
     assert tuple(TRANSFER_T) == (200, 300, 400, 2000, 5000)
 
 
+def test_sab_rows_use_delta_grad_and_the_ablations_hold_delta_constant():
+    """SAB rows: scores blocked, δ's gradient to the scorer; each ``-const-delta`` row is the
+    same row with δ constant (SPEC §2.4), and only those differ from the rows' settings."""
+    sab_rows = [r for r in ROWS.values() if r.model.get("name") == "sab"]
+    assert sab_rows
+    ablations = [r for r in sab_rows if r.name.endswith("-const-delta")]
+    assert {r.name for r in ablations} == {"copy100-sab-5-5-const-delta",
+                                          "ptb-sab-5-5-const-delta"}
+    for r in sab_rows:
+        config = row_config(r)
+        assert config.model.block_score_grad and config.model.att_eps == 0.01
+        assert config.model.delta_grad == (r not in ablations)
+    for r in ablations:
+        base = ROWS[r.name[:-len("-const-delta")]]
+        assert r.table == base.table and r.task_options == base.task_options
+        assert {k: v for k, v in r.model.items() if k != "delta_grad"} == \
+            {k: v for k, v in base.model.items() if k != "delta_grad"}
+
+
 def test_paper_numbers_load_and_cite_their_status():
     raw = json.loads(Path(PAPER_FILE).read_text())
     entries = paper_numbers()
