@@ -760,6 +760,8 @@ def _figures(results: Path, records: Dict[str, RunRecord], fig_dir: Path) -> Dic
 
 def list_rows(results="results") -> List[str]:
     lines = []
+    w_name = max(len(r.name) for r in ROWS.values())
+    w_label = max(len(r.label) for r in ROWS.values())
     for table, (title, _, _) in TABLES.items():
         if table == "transfer":
             lines.append(f"{title}:")
@@ -772,7 +774,7 @@ def list_rows(results="results") -> List[str]:
             state = "not run" if not rec.exists else \
                 f"{rec.steps or 0:,} / {row.train['steps']:,} steps"
             opts = ", ".join(f"{k} {v}" for k, v in row.task_options.items())
-            lines.append(f"  {row.name:<20} {row.label:<42} {opts:<14} {state}")
+            lines.append(f"  {row.name:<{w_name}} {row.label:<{w_label}} {opts:<14} {state}")
     return lines
 
 
