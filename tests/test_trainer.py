@@ -203,3 +203,22 @@ def test_delta_grad_without_blocked_scores_is_a_config_error():
         cfg.resolved()
     cfg.model.block_score_grad = True
     assert cfg.resolved().model.delta_grad is True
+
+
+def test_score_grad_benchmark_changes_only_the_scorers_gradient(tmp_path, monkeypatch):
+    """benchmarks/score_grad.py on a small trained SAB run: δ's rule leaves the loss and the
+    gradient of everything but the scorer unchanged (with blocked scores the threshold reaches
+    nothing else) and changes the gradient of the scorer's ``v``."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import score_grad
+    cfg = tiny("sab", steps=10)
+    cfg.model.block_score_grad = True
+    Trainer(cfg, tmp_path).run()
+    out = score_grad.main(["--run", str(tmp_path), "--batches", "2"])
+    const = [r for r in out["rows"] if not r["delta_grad"]]
+    moving = [r for r in out["rows"] if r["delta_grad"]]
+    assert len(const) == len(moving) == 2 and out["step"] == 10
+    for a, b in zip(const, moving):
+        assert a["loss"] == b["loss"]
+        assert a["LSTM, head, embedding"] == pytest.approx(b["LSTM, head, embedding"], rel=1e-6)
+        assert a["scorer v"] != b["scorer v"]
