@@ -21,6 +21,8 @@ import json
 import sys
 import time
 
+import torch
+
 from sab.repro import SAB_BLOCK, SAB_DELTA_GRAD, SAB_EPS
 from sab.trainer import ModelConfig, NonFiniteLoss, RunConfig, TrainConfig, Trainer
 
@@ -32,7 +34,8 @@ def run_seed(seed, a):
                                 block_score_grad=not a.full_score_grad,
                                 delta_grad=not (a.full_score_grad or a.const_delta)),
                     TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, clip=a.clip,
-                                eval_every=a.eval_every, ckpt_every=a.steps, seed=seed))
+                                eval_every=a.eval_every, ckpt_every=a.steps, seed=seed,
+                                threads=a.threads))
     trainer = Trainer(cfg)
     t0 = time.time()
     try:
@@ -67,9 +70,11 @@ def main(argv=None):
     p.add_argument("--const-delta", action="store_true", default=not SAB_DELTA_GRAD,
                    help="hold the threshold δ constant in the backward pass (SPEC §2.4)")
     p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--max-loss", type=float, default=10.0,
                    help="a training loss above this counts as divergence (chance is ~2.3)")
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)  # the trainer sets the same; the header reports it
     try:
         from benchmarks.common import machine
         print(machine())
