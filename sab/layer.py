@@ -185,7 +185,7 @@ class SABLSTM(RecurrentLayerBase):
             the true derivative of the weights (the authors' code, whose δ is a differentiable
             ``topk`` value, does the same).  With δ constant, raising every kept score relative
             to δ looks like a way to change the weights, which it is not: on copying T=100 that
-            spurious gradient went into the MLP's ``v``, was 100× the rest of the gradient and
+            spurious gradient went into the MLP's ``v``, hundreds of times the rest of the gradient, and
             grew ``|v|`` at Adam's full rate (README, "Training stability").
 
     ``output, state = layer(x, state=None)``; ``x`` is (T, B, I), (B, T, I) with batch_first, or
