@@ -151,14 +151,14 @@ def attend(scorer, h_hat: Tensor, bank: MemoryBank, k_top: int, dense: bool = Fa
         if type(scorer) is MLPScorer and torch.is_grad_enabled():
             # the same maths as below in one autograd node (see _MLPSparseWeights)
             weights = _MLPSparseWeights.apply(query, keys, scorer.v, top, eps, key_delta)
-        elif key_delta is None:
-            scores = scorer.scores(query, keys)  # (B, k) with graph
-            # Forward values exactly those that were ranked; gradient of the re-scored ones.
-            scores = scores - scores.detach() + top[:, :k_top]
-            weights = threshold_weights(scores, top[:, k_top], eps)  # (B, k), δ stop-gradient
         else:
-            scores = scorer.scores(query, torch.cat([keys, key_delta], 1))  # (B, k+1)
-            scores = scores - scores.detach() + top
-            weights = threshold_weights(scores[:, :k_top], scores[:, k_top], eps, delta_grad=True)
+            # re-score the kept memories (and δ's, with delta_grad) with a graph
+            scored = keys if key_delta is None else torch.cat([keys, key_delta], 1)
+            scores = scorer.scores(query, scored)  # (B, k) or (B, k+1)
+            # Forward values exactly those that were ranked; gradient of the re-scored ones.
+            scores = scores - scores.detach() + top[:, :scores.shape[1]]
+            delta = top[:, k_top] if key_delta is None else scores[:, k_top]
+            weights = threshold_weights(scores[:, :k_top], delta, eps,
+                                        delta_grad=key_delta is not None)  # (B, k)
     summary = (weights.unsqueeze(1) @ values).squeeze(1)  # (B, 1, m) @ (B, m, H) -> (B, H)
     return Attention(summary, weights, slots, selection)
