@@ -16,6 +16,7 @@ Every field of the config is a flag of ``sab train``; ``--config FILE`` loads a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -267,11 +268,9 @@ def cmd_train(args) -> int:
         trainer.stop_requested = True
 
     try:
-        if trainer.world > 1:  # ranks must stop at the same step: leave signals to torchrun
+        # ranks must stop at the same step: under torchrun, leave the signals to it
+        with stop_on_signals(on_stop) if trainer.world == 1 else contextlib.nullcontext():
             last = trainer.run()
-        else:
-            with stop_on_signals(on_stop):
-                last = trainer.run()
     except NonFiniteLoss as e:
         ckpt = Path(args.out) / "ckpt.pt"
         kept = f"the last good checkpoint {ckpt} is kept" if ckpt.exists() else \
