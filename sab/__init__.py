@@ -1,7 +1,7 @@
 """Sparse Attentive Backtracking (Ke et al., NeurIPS 2018) in PyTorch.
 
 Layering (each module imports only those above it in this list):
-sparsifier, memory → scorer, cell → state → layer (SABLSTM, the reference engine) → baselines →
+sparsifier, fastmath, memory → scorer, cell → state → layer (SABLSTM, the reference engine) → baselines →
 models (build by name) → engines → tasks, heads → trainer → plots → cli (``sab`` command).
 The training side is imported on demand: ``from sab.trainer import Trainer``.
 """

@@ -9,6 +9,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from . import fastmath
 from .memory import MemoryBank
 from .scorer import MLPScorer, mlp_scores_grad
 from .sparsifier import threshold_delta_grad, threshold_weights, threshold_weights_grad
@@ -28,45 +29,75 @@ def lstm_pointwise(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         return _LSTMPointwise.apply(gates, c)
     # without a graph: the same operations, rounding for rounding (the sparse engine's graph-free
     # forward must equal the reference engine's bit for bit)
-    return _pointwise_forward(gates, c)[:2]
+    return pointwise_forward(gates, c)[:2]
 
 
-def _pointwise_forward(gates: Tensor, c_prev: Tensor):
+def pointwise_forward(gates: Tensor, c_prev: Tensor):
+    """``h``, ``c`` (B, H) of an LSTM step from its ``gates`` (B, 4H), with what the backward
+    needs: the activations (B, 4H) and tanh(c) (B, H)."""
+    act = gate_activations_(gates.clone())
+    h, c, tc = cell_update(act, c_prev)
+    return h, c, act, tc
+
+
+def gate_activations_(gates: Tensor) -> Tensor:
+    """In place: σ of the i, f, o quarters of ``gates`` (B, 4H) and tanh of the g quarter, as
+    ``2·σ(2g) − 1`` (``sab.fastmath``).  The whole row goes through one ``sigmoid_`` (on a
+    strided quarter PyTorch's CPU kernel rounds differently: every path must use this one)."""
+    H = gates.shape[1] // 4
+    g = gates[:, 2 * H:3 * H]
+    g.mul_(2)
+    gates.sigmoid_()
+    g.mul_(2).sub_(1)
+    return gates
+
+
+def cell_update(act: Tensor, c_prev: Tensor, c: Optional[Tensor] = None,
+                tc: Optional[Tensor] = None, h: Optional[Tensor] = None):
+    """``c = f·c_prev + i·g``, ``h = o·tanh(c)`` from the activations (B, 4H): ``h``, ``c``,
+    ``tanh(c)`` (B, H), each written into the given buffer if any."""
     H = c_prev.shape[1]
-    act = torch.sigmoid(gates)  # (B, 4H); the g quarter is overwritten with tanh
-    torch.tanh(gates[:, 2 * H:3 * H], out=act[:, 2 * H:3 * H])
     si, sf, tg, so = act.split(H, dim=1)
-    c = torch.addcmul(sf * c_prev, si, tg)  # (B, H)
-    tc = torch.tanh(c)
-    return so * tc, c, act, tc
+    c = torch.addcmul(sf * c_prev, si, tg) if c is None else \
+        torch.addcmul(sf * c_prev, si, tg, out=c)
+    tc = fastmath.tanh(c) if tc is None else fastmath.tanh(c, out=tc)
+    h = so * tc if h is None else torch.mul(so, tc, out=h)
+    return h, c, tc
 
 
 class _LSTMPointwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gates: Tensor, c_prev: Tensor):
-        h, c, act, tc = _pointwise_forward(gates, c_prev)
+        h, c, act, tc = pointwise_forward(gates, c_prev)
         ctx.save_for_backward(act, c_prev, tc)
         return h, c
 
     @staticmethod
     def backward(ctx, gh: Tensor, gc: Tensor):  # unused outputs arrive as zeros, never None
-        act, c_prev, tc = ctx.saved_tensors
-        H = c_prev.shape[1]
-        si, sf, tg, so = act.split(H, dim=1)
-        dgates = torch.empty_like(act)  # (B, 4H), each quarter written in place
-        di, df, dg, do = dgates.split(H, dim=1)
-        # dc = gc + gh·o·(1 − tanh²c)
-        dc = gh * so
-        torch.mul(gh, tc, out=do)  # ∂/∂o before the sigmoid's derivative
-        dc.mul_(1 - tc * tc).add_(gc)
-        do.mul_(so * (1 - so))
-        torch.mul(dc, tg, out=di)
-        di.mul_(si * (1 - si))
-        torch.mul(dc, c_prev, out=df)
-        df.mul_(sf * (1 - sf))
-        torch.mul(dc, si, out=dg)
-        dg.mul_(1 - tg * tg)
-        return dgates, dc * sf
+        return pointwise_backward(gh, gc, *ctx.saved_tensors)
+
+
+def pointwise_backward(gh: Tensor, gc: Tensor, act: Tensor, c_prev: Tensor, tc: Tensor,
+                       dgates: Optional[Tensor] = None):
+    """The backward of one LSTM pointwise step: ``∂L/∂gates`` (B, 4H, into ``dgates`` if given)
+    and ``∂L/∂c_prev`` (B, H) from ``∂L/∂h`` and ``∂L/∂c`` (B, H), given what
+    ``pointwise_forward`` returned."""
+    H = c_prev.shape[1]
+    si, sf, tg, so = act.split(H, dim=1)
+    if dgates is None:
+        dgates = torch.empty_like(act)  # (B, 4H)
+    # the gates' derivatives: σ(1 − σ) for i, f, o and 1 − tanh² for g
+    deriv = (1 - act).mul_(act)
+    torch.mul(tg, tg, out=deriv[:, 2 * H:3 * H]).neg_().add_(1)
+    dc = gh * so  # dc = gc + gh·o·(1 − tanh²c)
+    dc.mul_(1 - tc * tc).add_(gc)
+    di, df, dg, do = dgates.split(H, dim=1)
+    torch.mul(dc, tg, out=di)
+    torch.mul(dc, c_prev, out=df)
+    torch.mul(dc, si, out=dg)
+    torch.mul(gh, tc, out=do)
+    dgates.mul_(deriv)
+    return dgates, dc * sf
 
 
 class _MLPSparseWeights(torch.autograd.Function):

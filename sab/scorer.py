@@ -19,6 +19,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from . import fastmath
+
 __all__ = ["MLPScorer", "DotScorer", "ReleaseScorer", "make_scorer", "SCORERS"]
 
 
@@ -78,21 +80,29 @@ class MLPScorer(nn.Module):
             scores = keys.new_empty(B, n)
             # batch rows per tile (on a GPU one launch for the whole batch is cheaper)
             rows = max(1, RANK_TILE // max(1, n * d)) if keys.device.type == "cpu" else B
+            q2 = 2 * query  # 2(q + k) = 2q + 2k exactly: one pass over the keys less
             for s in range(0, B, rows):  # tiles that stay in cache across add, sigmoid and mv
                 hidden = self._scratch(keys[s:s + rows])  # (b, n, d_att), reused every step
-                torch.add(keys[s:s + rows], query[s:s + rows].unsqueeze(1), out=hidden)
-                hidden.mul_(2).sigmoid_()
+                torch.add(q2[s:s + rows].unsqueeze(1), keys[s:s + rows], alpha=2, out=hidden)
+                hidden.sigmoid_()
                 torch.mv(hidden.view(-1, d), self.v, out=scores[s:s + rows].view(-1))
-            scores.mul_(2).sub_(self.v.sum())  # (B, n)
+            # 2·x − Σv is increasing in x: rank first, then transform the k best only
+            top, index = scores.topk(k, dim=-1)
+            return top.mul_(2).sub_(self.v.sum()), index  # (B, k)
         return scores.topk(k, dim=-1)
 
 
 def mlp_scores_grad(query: Tensor, keys: Tensor, v: Tensor, grad: Tensor):
     """The backward of ``a = v·tanh(query + keys)`` written out: from ``∂L/∂a`` (B, k) to the
-    gradients of ``query`` (B, d), ``keys`` (B, k, d) and ``v`` (d,)."""
-    t = torch.tanh(query.unsqueeze(1) + keys)  # (B, k, d), recomputed: k is small
-    g_v = torch.einsum("bk,bkd->d", grad, t)
-    g_z = (1 - t * t).mul_(grad.unsqueeze(-1)).mul_(v)  # (B, k, d)
+    gradients of ``query`` (B, d), ``keys`` (B, k, d) and ``v`` (d,).
+
+    With ``σ = sigmoid(2(query + keys))``: ``tanh = 2σ − 1`` and ``1 − tanh² = 4σ(1 − σ)``, so the
+    tanh is never formed (PyTorch's CPU tanh is slow, ``sab.fastmath``) and the (B, k, d) tensors
+    are passed over six times instead of eleven."""
+    B, k, d = keys.shape
+    sig = torch.add(2 * query.unsqueeze(1), keys, alpha=2).sigmoid_()  # (B, k, d)
+    g_v = 2 * (grad.reshape(1, B * k) @ sig.view(B * k, d)).view(d) - grad.sum()
+    g_z = (1 - sig).mul_(sig).mul_(grad.unsqueeze(-1) * (4 * v))  # (B, k, d)
     return g_z.sum(1), g_z, g_v
 
 

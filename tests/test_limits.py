@@ -8,7 +8,7 @@ from torch.func import functional_call
 import sab
 from sab.naive import naive_forward
 
-from conftest import make_sab, param_grads
+from conftest import assert_grads_close, make_sab, param_grads
 
 
 def tbptt_lstmcell(cells, x, k_trunc, step0=0):
@@ -124,9 +124,9 @@ def test_equals_the_definition_outputs_and_gradients(kw):
         torch.testing.assert_close(st.memory[l].memories(), torch.stack(mems[l], 1),
                                    rtol=0, atol=1e-12)
     (ref * r).sum().backward()
-    torch.testing.assert_close(x.grad, gx, rtol=1e-10, atol=1e-11)
+    assert_grads_close(gx, x.grad)
     for name, g in param_grads(layer).items():
-        torch.testing.assert_close(g_layer[name], g, rtol=1e-10, atol=1e-11, msg=name)
+        assert_grads_close(g_layer[name], g, msg=name)
 
 
 def test_self_attention_baseline_equals_the_definition():
