@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cell import Selection, attend, lstm_pointwise
+from .fused import fused_layer
 from .memory import MemoryBank
-from .scorer import SCORERS, make_scorer
+from .scorer import SCORERS, MLPScorer, make_scorer
 from .state import AttentionRecord, RecurrentState
 
 __all__ = ["SABLSTM", "RecurrentLayerBase", "Boundary", "ForwardLog"]
@@ -195,6 +196,9 @@ class SABLSTM(RecurrentLayerBase):
     """
 
     dense = False  # the self-attention baseline sets this: softmax over every memory
+    # train through ``sab.fused`` (one autograd node per layer and chunk, a hand-written backward)
+    # where it applies; ``False`` forces the generic per-step graph (the tests' oracle)
+    fast_path = True
 
     def __init__(self, input_size: int, hidden_size: int, *, k_trunc: Optional[int], k_top: int,
                  k_att: int, num_layers: int = 1, batch_first: bool = False,
@@ -323,8 +327,14 @@ class SABLSTM(RecurrentLayerBase):
         """
         w_ih, w_hh, b_ih, b_hh = self.cell_weights(layer)
         bias = b_ih + b_hh
-        w_hh_t = w_hh.t()  # (H, 4H)
         scorer = self.scorers[layer] if self.attends else None
+        if self._fused_applies(scorer, x, log, replay, keep_outputs):
+            out, c, rec = fused_layer(F.linear(x, w_ih, bias), h, c, w_hh, scorer, bank, step0,
+                                      self.k_trunc, self.k_top, self.k_att, self.att_eps,
+                                      self.delta_grad, self.block_score_grad, self.dense,
+                                      record)
+            return out, out[-1], c, rec  # (T, B, H) from the projected input (T, B, 4H)
+        w_hh_t = w_hh.t()  # (H, 4H)
         outs: List[Tensor] = []
         rec = _Recorder(self.k_top) if record else None
         for t, xp_t in enumerate(_projected(x, w_ih, bias)):
@@ -355,6 +365,15 @@ class SABLSTM(RecurrentLayerBase):
                 outs.append(h)
         out = torch.stack(outs) if keep_outputs else None  # (T, B, H)
         return out, h, c, (rec.finish(step0) if exists(rec) else None)
+
+
+    def _fused_applies(self, scorer, x: Tensor, log, replay, keep_outputs: bool) -> bool:
+        """Whether ``sab.fused`` computes this layer's chunk: training with a graph, the MLP
+        scorer, sparse attention, and nothing else asked of the steps."""
+        return (self.fast_path and torch.is_grad_enabled() and type(scorer) is MLPScorer
+                and not scorer.fused
+                and log is None and replay is None and keep_outputs
+                and x.shape[0] > 0)
 
 
 PROJECTION_SLAB = 256  # steps whose input projection is computed in one matrix product

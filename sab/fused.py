@@ -1,0 +1,345 @@
+"""The reference engine's fast path: one SAB layer over a chunk as a single autograd node.
+
+The generic loop (``SABLSTM._run_layer``) builds about a dozen autograd nodes per time step —
+the recurrent product, the LSTM pointwise step, the query, the gather, the weights, the summary,
+the write — and at T=100 their bookkeeping (node creation, the engine's scheduling, Python
+``autograd.Function`` calls, a fresh buffer for every intermediate) costs as much as their
+arithmetic.  ``fused_layer`` computes the same forward with no graph, writing each step's
+results into buffers allocated once per chunk, and hand-writes the backward as one reverse sweep
+over time, with the weight gradients of all steps (``W_hh``, ``W_q``, ``W_k``) computed at the
+end as one matrix product each.
+
+It computes what the generic path computes (tests hold the two to float64 1e-10,
+``tests/test_fused.py``) for the MLP scorer, sparse attention (softmax while ``n ≤ k_top``) or
+dense attention (the self-attention baseline), the scores' credit going into ĥ and the memories
+(SPEC §3) or to the scorer alone (``block_score_grad``, with or without ``delta_grad``), any
+``k_trunc``, ``k_top``, ``k_att``, ``att_eps``, ``max_memories``, a carried state and a carried
+memory with or without graph, and attention records.  ``SABLSTM`` takes it whenever autograd is
+on and the sparse engine is not driving the layer (its logs and replays go through the generic
+loop) — see ``SABLSTM._fused_applies``.
+
+Credit routing follows the memory bank (``sab.memory``): a memory written in this chunk collects
+the credit of its reads in a chunk-local buffer and receives it at its write step (multi-hop
+credit, SPEC §3); memories carried in with a graph get theirs through the bank's graph, and the
+node returns a token so that later chunks reading this chunk's memories run their backward first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd import Function
+
+from .cell import cell_update, gate_activations_, pointwise_backward
+from .memory import MemoryBank, _Graph
+from .scorer import MLPScorer, mlp_scores_grad
+from .sparsifier import threshold_delta_grad, threshold_weights, threshold_weights_grad
+from .state import AttentionRecord
+
+__all__ = ["fused_layer"]
+
+
+@dataclass
+class _Config:
+    bank: MemoryBank
+    scorer: MLPScorer
+    step0: int
+    k_trunc: Optional[int]
+    k_top: int
+    k_att: int
+    eps: float
+    delta_grad: bool
+    block_score_grad: bool
+    dense: bool
+    record: bool
+
+
+class _Read:
+    """What one attending step read, for its backward (and the attention record)."""
+    __slots__ = ("t", "dense", "query", "top", "ids", "weights", "values", "keys", "m_delta",
+                 "delta_ids", "mem_steps")
+
+    def __init__(self, t, dense, query, top, ids, weights, values, keys, m_delta, delta_ids,
+                 mem_steps):
+        self.t, self.dense, self.query, self.top, self.ids = t, dense, query, top, ids
+        self.weights, self.values, self.keys, self.m_delta = weights, values, keys, m_delta
+        self.delta_ids, self.mem_steps = delta_ids, mem_steps
+
+
+def fused_layer(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, scorer: MLPScorer,
+                bank: MemoryBank, step0: int, k_trunc: Optional[int], k_top: int, k_att: int,
+                eps: float, delta_grad: bool, block_score_grad: bool, dense: bool,
+                record: bool) -> tuple[Tensor, Tensor, Optional[AttentionRecord]]:
+    """One SAB layer over a chunk: ``xp`` (T, B, 4H) = x W_ihᵀ + b per step, the state entering
+    it (B, H) each, the layer's ``bank`` (written in place, its graph and token updated) →
+    outputs h(t) (T, B, H), the last cell state (B, H) and, with ``record``, the
+    :class:`AttentionRecord` (its summaries s(t) carry gradient, as the generic loop's)."""
+    cfg = _Config(bank, scorer, step0, k_trunc, k_top, k_att, eps, delta_grad, block_score_grad,
+                  dense, record)
+    first = bank.next_id
+    carried = bank.token if bank.requires_grad else None
+    out, summary, c, token = _FusedLayer.apply(
+        xp, h0, c0, w_hh, scorer.query_proj.weight, scorer.query_proj.bias,
+        scorer.key_proj.weight, scorer.v, carried, cfg)
+    if bank.next_id > first:  # this chunk wrote memories: later reads route credit to them
+        if bank.graph is None:
+            bank.graph = _Graph(first_id=first)
+        bank.graph.n_ids = max(bank.graph.n_ids, bank.next_id - bank.graph.first_id)
+        bank.token = token
+    rec = _record(cfg.record, summary, step0, k_top) if record else None
+    return out, c, rec
+
+
+def _record(reads: List[_Read], summary: Tensor, step0: int, k_top: int) -> AttentionRecord:
+    T, B, _ = summary.shape
+    width = max([k_top] + [r.ids.shape[1] for r in reads])
+    weights = summary.new_zeros(T, B, width)
+    ids = torch.full((T, B, width), -1, dtype=torch.long, device=summary.device)
+    steps = ids.clone()
+    for r in reads:
+        m = r.ids.shape[1]
+        weights[r.t, :, :m] = r.weights
+        ids[r.t, :, :m] = r.ids
+        steps[r.t, :, :m] = r.mem_steps
+    return AttentionRecord(summary, weights, ids, steps,
+                           torch.arange(step0, step0 + T, device=summary.device))
+
+
+def _is_cut(step: int, k_trunc: Optional[int]) -> bool:
+    return k_trunc is not None and step % k_trunc == 0
+
+
+class _FusedLayer(Function):
+    @staticmethod
+    def forward(ctx, xp, h0, c0, w_hh, w_q, b_q, w_k, v, carried_token, cfg: _Config):
+        T, B, _ = xp.shape
+        H = h0.shape[1]
+        bank, scorer, k_top = cfg.bank, cfg.scorer, cfg.k_top
+        w_hh_t = w_hh.t()
+        # what the backward needs, one buffer per chunk
+        acts: List[Tensor] = []  # gate activations (B, 4H) per step
+        cs = xp.new_empty(T + 1, B, H)  # c entering each step, and the last
+        tcs = xp.new_empty(T, B, H)  # tanh(c(t))
+        h_hats: List[Tensor] = []  # ĥ(t) (B, H) per step
+        outs: List[Tensor] = []  # h(t) (B, H) per step
+        summary = xp.new_zeros(T, B, H)  # s(t), zero before the first memory
+        cs[0] = c0
+        reads: List[_Read] = []
+        writes = {}  # t -> id of the memory written at step t
+        first = bank.next_id
+        h = h0
+        for t in range(T):
+            g = cfg.step0 + t
+            # (no out= here: MKL's addmm into a given buffer rounds differently, and the
+            # sparse engine's graph-free forward must equal this one bit for bit)
+            act = gate_activations_(torch.addmm(xp[t], h, w_hh_t))  # (B, 4H)
+            acts.append(act)
+            # ĥ and h are fresh tensors, not rows of a (T, B, H) buffer: MKL's products round
+            # differently on unaligned rows, and both engines' forwards must agree bit for bit
+            h_hat = cell_update(act, cs[t], cs[t + 1], tcs[t])[0]
+            h_hats.append(h_hat)
+            if bank.count > 0:
+                reads.append(_attend(cfg, t, h_hat, w_q, b_q, summary[t]))
+                h = h_hat + summary[t]
+            else:
+                h = h_hat
+            outs.append(h)
+            if (g + 1) % cfg.k_att == 0:
+                writes[t] = bank.write(h, F.linear(h, w_k), g)  # no graph here: values only
+        ctx.cfg, ctx.reads, ctx.writes, ctx.first = cfg, reads, writes, first
+        ctx.carried = carried_token is not None
+        ctx.graph = bank.graph if ctx.carried else None  # the carried memories' graph
+        ctx.n_local = bank.next_id - first
+        ctx.sizes = (H, w_k.shape[0])  # memory and key widths
+        ctx.bank = bank
+        out, h_hats = torch.stack(outs), torch.stack(h_hats)  # (T, B, H)
+        ctx.save_for_backward(h0, w_hh, w_q, w_k, v, cs, tcs, h_hats, out)
+        ctx.acts = acts
+        if cfg.record:
+            cfg.record = reads
+        return out, summary, cs[T].clone(), xp.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, d_out, d_summary, d_c, _d_token):
+        h0, w_hh, w_q, w_k, v, cs, tcs, h_hats, out = ctx.saved_tensors
+        acts = ctx.acts
+        cfg, first, n_local = ctx.cfg, ctx.first, ctx.n_local
+        blocked = cfg.block_score_grad  # else the scores' credit reaches ĥ and the memories
+        T, B, H = out.shape
+        d = w_k.shape[0]
+        dxp = d_out.new_empty(T, B, 4 * H)
+        g_query = d_out.new_zeros(T, B, d)  # ∂L/∂query per step (for W_q and b)
+        g_v = torch.zeros_like(v)
+        key_rows: List[tuple] = []  # (∂L/∂key (B, m, d), memory (B, m, H)) for W_k's gradient
+        # the credit this chunk's reads send to this chunk's memories, waiting for their write
+        # step: through the values, and through the keys (to W_k; unblocked, to h(t) too)
+        local_v = d_out.new_zeros(B, n_local, H) if n_local else None
+        local_k = d_out.new_zeros(B, n_local, d) if n_local else None
+        rows = torch.arange(B, device=d_out.device).unsqueeze(1) * n_local  # (B, 1)
+        later = ctx.bank.graph if n_local else None  # later chunks' reads of these memories
+        reads = {r.t: r for r in ctx.reads}
+        dh_next = torch.zeros_like(d_out[0])
+        dc = d_c
+        for t in range(T - 1, -1, -1):
+            dh = d_out[t] + dh_next
+            mem_id = ctx.writes.get(t)
+            if mem_id is not None:  # the credit its readers sent to memory h(t)
+                row = mem_id - first
+                gk = local_k[:, row]  # (B, d)
+                dh += local_v[:, row]
+                gv2, gk2 = later.take(mem_id)
+                if gv2 is not None:
+                    dh += gv2
+                    gk = gk + gk2
+                key_rows.append((gk.unsqueeze(1), out[t].unsqueeze(1)))  # its key W_k h(t)
+                if not blocked:
+                    dh.addmm_(gk, w_k)
+            r = reads.get(t)
+            dh_hat = dh  # h(t) = ĥ(t) + s(t)
+            if r is not None:  # ∂L/∂s(t): through h(t) and directly (the head reads s(t))
+                g_v += _read_backward(ctx, r, dh + d_summary[t], w_k, v, g_query[t], key_rows,
+                                      local_v, local_k, rows)
+                if not blocked:  # the query W_q ĥ(t) + b
+                    dh_hat = torch.addmm(dh, g_query[t], w_q)
+            dgates, dc_prev = pointwise_backward(dh_hat, dc, acts[t], cs[t], tcs[t], dxp[t])
+            if _is_cut(cfg.step0 + t, cfg.k_trunc):  # h, c entered this step detached
+                dh_next, dc = torch.zeros_like(dh), torch.zeros_like(dc)
+            else:
+                dh_next, dc = dgates @ w_hh, dc_prev  # (B, 4H) @ (4H, H)
+        first_cut = _is_cut(cfg.step0, cfg.k_trunc)
+        # the weight gradients of every step at once
+        h_prev = torch.cat([h0.unsqueeze(0), out[:-1]])  # h entering each step (T, B, H)
+        g_w_hh = dxp.view(T * B, -1).t() @ h_prev.view(T * B, H)  # (4H, H)
+        g_w_q = g_query.view(T * B, d).t() @ h_hats.view(T * B, H)  # (d, H)
+        g_b_q = g_query.sum((0, 1))
+        if key_rows:
+            gk = torch.cat([k.reshape(-1, d) for k, _ in key_rows])  # (rows, d)
+            mem = torch.cat([m.reshape(-1, H) for _, m in key_rows])  # (rows, H)
+            g_w_k = gk.t() @ mem  # (d, H)
+        else:
+            g_w_k = torch.zeros_like(w_k)
+        carried_grad = d_out.new_zeros(()) if ctx.carried else None
+        return (dxp, None if first_cut else dh_next, None if first_cut else dc, g_w_hh, g_w_q,
+                g_b_q, g_w_k, g_v, carried_grad, None)
+
+
+def _attend(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor,
+            s: Tensor) -> _Read:
+    """The forward of one step's attention, as ``sab.cell.attend`` computes it: the summary into
+    ``s`` (B, H); returns what the backward needs."""
+    bank, scorer, k_top = cfg.bank, cfg.scorer, cfg.k_top
+    B = h_hat.shape[0]
+    start, stop = bank.window()
+    query = F.linear(h_hat, w_q, b_q)  # (B, d), as the scorer's nn.Linear
+    top = m_delta = delta_ids = None
+    if cfg.dense or stop - start <= k_top:  # every memory, softmax (SPEC §2.4)
+        slots = torch.arange(start, stop, device=h_hat.device).expand(B, -1)  # (B, n)
+        values, keys = _rows(bank, slots)  # (B, n, H), (B, n, d)
+        weights = torch.softmax(scorer.scores(query, keys), dim=-1)  # (B, n)
+        ids = bank.slot_ids[slots]  # (B, n)
+    else:
+        top, ranked = scorer.rank(query, bank.keys[:, start:stop], k_top + 1)  # (B, k+1)
+        ranked += start
+        # with δ's gradient, δ's memory too (its key is recomputed from its value)
+        slots = ranked if cfg.delta_grad else ranked[:, :k_top]
+        values, keys = _rows(bank, slots)  # (B, k(+1), H), (B, k(+1), d)
+        ids = bank.slot_ids[slots]  # (B, k(+1))
+        if cfg.delta_grad:
+            m_delta, delta_ids = values[:, k_top:], ids[:, k_top:]  # (B, 1, H), (B, 1)
+            values, keys, ids = values[:, :k_top], keys[:, :k_top], ids[:, :k_top]
+            slots = ranked[:, :k_top]
+        weights = threshold_weights(top[:, :k_top], top[:, k_top], cfg.eps)  # (B, k)
+    s.copy_(torch.bmm(weights.unsqueeze(1), values).squeeze(1))  # s(t) = Σ w_i m_i (B, H)
+    return _Read(t, top is None, query, top, ids, weights, values, keys, m_delta, delta_ids,
+                 bank.slot_steps[slots] if cfg.record else None)
+
+
+def _rows(bank: MemoryBank, slots: Tensor, values: Optional[Tensor] = None,
+          keys: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Values and keys of ``slots`` (B, m): (B, m, H), (B, m, d), into ``values`` and ``keys``
+    if given — copies (a later write may reuse a slot)."""
+    B, cap, H = bank.values.shape
+    m, d = slots.shape[1], bank.keys.shape[2]
+    flat = (slots + torch.arange(0, B * cap, cap, device=slots.device).unsqueeze(1)).view(-1)
+    if values is None:
+        return (bank.values.view(B * cap, H).index_select(0, flat).view(B, m, H),
+                bank.keys.view(B * cap, d).index_select(0, flat).view(B, m, d))
+    torch.index_select(bank.values.view(B * cap, H), 0, flat, out=values.view(B * m, H))
+    torch.index_select(bank.keys.view(B * cap, d), 0, flat, out=keys.view(B * m, d))
+    return values, keys
+
+
+def _read_backward(ctx, r: _Read, ds: Tensor, w_k: Tensor, v: Tensor, g_query: Tensor,
+                   key_rows: list, local_v: Optional[Tensor], local_k: Optional[Tensor],
+                   rows: Tensor) -> Tensor:
+    """Backward of one step's attention ``s = Σ w_i m_i`` given ``∂L/∂s`` (B, H): credit to the
+    read memories (``w_i ∂L/∂s`` and their keys' gradient), the query's gradient into
+    ``g_query`` (B, d); returns ``∂L/∂v`` of this step."""
+    cfg = ctx.cfg
+    dw = torch.bmm(r.values, ds.unsqueeze(-1)).squeeze(-1)  # (B, m)
+    g_values = r.weights.unsqueeze(-1) * ds.unsqueeze(1)  # (B, m, H)
+    keys = r.keys
+    if r.dense:  # softmax
+        g_scores = r.weights * (dw - (dw * r.weights).sum(-1, keepdim=True))
+    else:
+        k = cfg.k_top
+        g_scores = threshold_weights_grad(dw, r.top[:, :k], r.top[:, k], r.weights, cfg.eps)
+        if r.m_delta is not None:  # δ's memory's score: its key from the stored value
+            g_scores = torch.cat([g_scores, threshold_delta_grad(g_scores)], 1)  # (B, k+1)
+            keys = torch.cat([keys, r.m_delta @ w_k.t()], 1)  # (B, k+1, d)
+    g_q, g_keys, g_v = mlp_scores_grad(r.query, keys, v, g_scores)
+    g_query.copy_(g_q)
+    m = r.ids.shape[1]
+    _credit(ctx, r.ids, g_values, g_keys[:, :m], local_v, local_k, rows)
+    if r.m_delta is not None:  # δ's key reaches W_k only, never the memory
+        _delta_credit(ctx, r, g_keys[:, m:], key_rows, local_k, rows)
+    return g_v
+
+
+def _old(ctx, ids: Tensor) -> Optional[Tensor]:
+    """(B, m, 1) where ``ids`` (B, m) are memories carried in from an earlier chunk; ``None``
+    when there are none."""
+    if ctx.first == 0:  # ids count from 0: nothing came before
+        return None
+    old = ids < ctx.first
+    return old.unsqueeze(-1) if bool(old.any()) else None
+
+
+def _local_add(buf: Tensor, ids: Tensor, grad: Tensor, first: int, rows: Tensor,
+               old: Optional[Tensor]) -> None:
+    """Add ``grad`` (B, m, D) into the rows of this chunk's memories ``ids`` (B, m) of ``buf``
+    (B, n_local, D); entries of carried memories (``old``) are left out."""
+    rel = ids - first
+    if old is not None:
+        rel, grad = rel.clamp_min(0), grad.masked_fill(old, 0)
+    buf.view(-1, buf.shape[-1]).index_add_(0, (rel + rows).reshape(-1),
+                                           grad.reshape(-1, grad.shape[-1]))
+
+
+def _credit(ctx, ids: Tensor, g_values: Tensor, g_keys: Tensor, local_v: Optional[Tensor],
+            local_k: Optional[Tensor], rows: Tensor) -> None:
+    """Route the credit of a read of memories ``ids`` (B, m) through their values (B, m, H) and
+    keys (B, m, d): to this chunk's memories (it waits in ``local_v``/``local_k`` for their
+    write step) and to memories carried in with a graph (their chunk's writes take it);
+    memories carried in without a graph get none."""
+    old = _old(ctx, ids)
+    if ctx.n_local:
+        _local_add(local_v, ids, g_values, ctx.first, rows, old)
+        _local_add(local_k, ids, g_keys, ctx.first, rows, old)
+    if old is not None and ctx.carried:
+        ctx.graph.accumulate(ids, g_values * old, g_keys * old)
+
+
+def _delta_credit(ctx, r: _Read, g_key: Tensor, key_rows: list, local_k: Optional[Tensor],
+                  rows: Tensor) -> None:
+    """δ's memory's key gradient (B, 1, d) goes to W_k through its stored value, whichever chunk
+    wrote it: this chunk's memories collect it with their keys' (one row of W_k's product per
+    memory), a carried memory's goes straight into ``key_rows``."""
+    old = _old(ctx, r.delta_ids)
+    if ctx.n_local:
+        _local_add(local_k, r.delta_ids, g_key, ctx.first, rows, old)
+    if old is not None:
+        key_rows.append((g_key * old, r.m_delta))
