@@ -46,11 +46,18 @@ class Method:
     engine: str = "reference"
     scorer: str = "mlp"
     fused: bool = False
+    # the credit rule: "blocked" (block_score_grad + delta_grad, what the reproduction rows and
+    # the demo train with) or "spec" (SPEC §3's default: the scores' credit reaches the states)
+    credit: str = "blocked"
+    fast_path: bool = True  # SABLSTM.fast_path: the reference engine's one-node layer (sab.fused)
 
     def build(self, input_size: int, k_att: int, device, hidden: int = H) -> SequenceModel:
         if self.model in ("sab", "naive"):
+            blocked = self.credit == "blocked"
             rnn = sab.SABLSTM(input_size, hidden, k_trunc=K_TRUNC, k_top=K_TOP, k_att=k_att,
-                              scorer=self.scorer, fused_scorer=self.fused)
+                              scorer=self.scorer, fused_scorer=self.fused,
+                              block_score_grad=blocked, delta_grad=blocked)
+            rnn.fast_path = self.fast_path
         elif self.model == "tbptt":
             rnn = sab.TBPTTLSTM(input_size, hidden, k_trunc=K_TRUNC)
         else:
@@ -62,6 +69,8 @@ METHODS = {m.name: m for m in [
     Method("lstm", "lstm"),
     Method("tbptt", "tbptt"),
     Method("sab-ref", "sab", "reference"),
+    Method("sab-ref-generic", "sab", "reference", fast_path=False),
+    Method("sab-ref-spec", "sab", "reference", credit="spec"),
     Method("sab-sparse", "sab", "sparse"),
     Method("sab-ref-fused", "sab", "reference", fused=True),
     Method("sab-sparse-fused", "sab", "sparse", fused=True),
