@@ -85,10 +85,7 @@ def fused_layer(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, scorer: MLPSco
         xp, h0, c0, w_hh, scorer.query_proj.weight, scorer.query_proj.bias,
         scorer.key_proj.weight, scorer.v, carried, cfg)
     if bank.next_id > first:  # this chunk wrote memories: later reads route credit to them
-        if bank.graph is None:
-            bank.graph = _Graph(first_id=first)
-        bank.graph.n_ids = max(bank.graph.n_ids, bank.next_id - bank.graph.first_id)
-        bank.token = token
+        bank.token = token  # (the graph was set up by the forward)
     rec = _record(cfg.record, summary, step0, k_top) if record else None
     return out, c, rec
 
@@ -153,8 +150,15 @@ class _FusedLayer(Function):
         ctx.carried = carried_token is not None
         ctx.graph = bank.graph if ctx.carried else None  # the carried memories' graph
         ctx.n_local = bank.next_id - first
+        if ctx.n_local:  # later chunks' reads of these memories will add to the bank's graph
+            if bank.graph is None:
+                bank.graph = _Graph(first_id=first)
+            bank.graph.n_ids = max(bank.graph.n_ids, bank.next_id - bank.graph.first_id)
+        ctx.later = bank.graph if ctx.n_local else None
         ctx.sizes = (H, w_k.shape[0])  # memory and key widths
-        ctx.bank = bank
+        # no reference to the bank from here on: the bank will hold this node's token, and a
+        # cycle through an autograd node is never collected (it leaked every step's buffers)
+        cfg.bank = None
         out, h_hats = torch.stack(outs), torch.stack(h_hats)  # (T, B, H)
         ctx.save_for_backward(h0, w_hh, w_q, w_k, v, cs, tcs, h_hats, out)
         ctx.acts = acts
@@ -179,7 +183,7 @@ class _FusedLayer(Function):
         local_v = d_out.new_zeros(B, n_local, H) if n_local else None
         local_k = d_out.new_zeros(B, n_local, d) if n_local else None
         rows = torch.arange(B, device=d_out.device).unsqueeze(1) * n_local  # (B, 1)
-        later = ctx.bank.graph if n_local else None  # later chunks' reads of these memories
+        later = ctx.later  # later chunks' reads of these memories
         reads = {r.t: r for r in ctx.reads}
         dh_next = torch.zeros_like(d_out[0])
         dc = d_c
