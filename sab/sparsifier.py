@@ -20,8 +20,6 @@ invariant).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -30,7 +28,7 @@ __all__ = ["sparsify", "topk_select", "threshold_weights", "threshold_weights_gr
 
 
 def threshold_weights(top: Tensor, delta: Tensor, eps: float = 0.0,
-                      delta_grad: bool = False, out: Optional[Tensor] = None) -> Tensor:
+                      delta_grad: bool = False) -> Tensor:
     """Weights of the kept scores ``top`` (..., k) given the threshold ``delta`` (...).
 
     ``delta`` is detached here: it is a constant for the backward pass (SPEC §2.4).  ``eps > 0``
@@ -38,12 +36,9 @@ def threshold_weights(top: Tensor, delta: Tensor, eps: float = 0.0,
     smoothly as the kept scores approach the threshold, which bounds ``∂w/∂a`` by ``~2/ε``.
     ``delta_grad=True`` keeps δ's gradient (the true derivative of the weights where the ranking
     is constant); the caller must make sure it reaches no memory (``SABLSTM(delta_grad=True)``).
-    ``out``: a buffer for the weights (without autograd).
     """
     delta = delta if delta_grad else delta.detach()
     shifted = torch.relu(top - delta.unsqueeze(-1))  # (..., k), zero gradient at 0
-    if out is not None:
-        return torch.div(shifted, _denominator(shifted, eps), out=out)
     return shifted / _denominator(shifted, eps)  # (..., k), sums to 1 (eps=0) or is all zero
 
 
