@@ -53,16 +53,16 @@ def gate_activations_(gates: Tensor) -> Tensor:
 
 
 def cell_update(act: Tensor, c_prev: Tensor, c: Optional[Tensor] = None,
-                tc: Optional[Tensor] = None, h: Optional[Tensor] = None):
+                tc: Optional[Tensor] = None):
     """``c = f·c_prev + i·g``, ``h = o·tanh(c)`` from the activations (B, 4H): ``h``, ``c``,
-    ``tanh(c)`` (B, H), each written into the given buffer if any."""
+    ``tanh(c)`` (B, H); ``c`` and ``tanh(c)`` into the given buffers if any (``h`` is always a
+    fresh tensor: products read it, and MKL rounds differently on unaligned buffer rows)."""
     H = c_prev.shape[1]
     si, sf, tg, so = act.split(H, dim=1)
     c = torch.addcmul(sf * c_prev, si, tg) if c is None else \
         torch.addcmul(sf * c_prev, si, tg, out=c)
     tc = fastmath.tanh(c) if tc is None else fastmath.tanh(c, out=tc)
-    h = so * tc if h is None else torch.mul(so, tc, out=h)
-    return h, c, tc
+    return so * tc, c, tc
 
 
 class _LSTMPointwise(torch.autograd.Function):

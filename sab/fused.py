@@ -55,6 +55,7 @@ class _Config:
     block_score_grad: bool
     dense: bool
     record: bool
+    reads: Optional[list] = None  # with ``record``: what each step read, for the record
 
 
 class _Read:
@@ -86,7 +87,7 @@ def fused_layer(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, scorer: MLPSco
         scorer.key_proj.weight, scorer.v, carried, cfg)
     if bank.next_id > first:  # this chunk wrote memories: later reads route credit to them
         bank.token = token  # (the graph was set up by the forward)
-    rec = _record(cfg.record, summary, step0, k_top) if record else None
+    rec = _record(cfg.reads, summary, step0, k_top) if record else None
     return out, c, rec
 
 
@@ -155,7 +156,6 @@ class _FusedLayer(Function):
                 bank.graph = _Graph(first_id=first)
             bank.graph.n_ids = max(bank.graph.n_ids, bank.next_id - bank.graph.first_id)
         ctx.later = bank.graph if ctx.n_local else None
-        ctx.sizes = (H, w_k.shape[0])  # memory and key widths
         # no reference to the bank from here on: the bank will hold this node's token, and a
         # cycle through an autograd node is never collected (it leaked every step's buffers)
         cfg.bank = None
@@ -163,7 +163,7 @@ class _FusedLayer(Function):
         ctx.save_for_backward(h0, w_hh, w_q, w_k, v, cs, tcs, h_hats, out)
         ctx.acts = acts
         if cfg.record:
-            cfg.record = reads
+            cfg.reads = reads
         return out, summary, cs[T].clone(), xp.new_zeros(())
 
     @staticmethod
@@ -241,7 +241,7 @@ def _attend(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor,
     top = m_delta = delta_ids = None
     if cfg.dense or stop - start <= k_top:  # every memory, softmax (SPEC §2.4)
         slots = torch.arange(start, stop, device=h_hat.device).expand(B, -1)  # (B, n)
-        values, keys = _rows(bank, slots)  # (B, n, H), (B, n, d)
+        values, keys = bank.gather(slots)  # (B, n, H), (B, n, d) copies (no graph here)
         weights = torch.softmax(scorer.scores(query, keys), dim=-1)  # (B, n)
         ids = bank.slot_ids[slots]  # (B, n)
     else:
@@ -249,7 +249,7 @@ def _attend(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor,
         ranked += start
         # with δ's gradient, δ's memory too (its key is recomputed from its value)
         slots = ranked if cfg.delta_grad else ranked[:, :k_top]
-        values, keys = _rows(bank, slots)  # (B, k(+1), H), (B, k(+1), d)
+        values, keys = bank.gather(slots)  # (B, k(+1), H), (B, k(+1), d) copies
         ids = bank.slot_ids[slots]  # (B, k(+1))
         if cfg.delta_grad:
             m_delta, delta_ids = values[:, k_top:], ids[:, k_top:]  # (B, 1, H), (B, 1)
@@ -259,21 +259,6 @@ def _attend(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor,
     s.copy_(torch.bmm(weights.unsqueeze(1), values).squeeze(1))  # s(t) = Σ w_i m_i (B, H)
     return _Read(t, top is None, query, top, ids, weights, values, keys, m_delta, delta_ids,
                  bank.slot_steps[slots] if cfg.record else None)
-
-
-def _rows(bank: MemoryBank, slots: Tensor, values: Optional[Tensor] = None,
-          keys: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    """Values and keys of ``slots`` (B, m): (B, m, H), (B, m, d), into ``values`` and ``keys``
-    if given — copies (a later write may reuse a slot)."""
-    B, cap, H = bank.values.shape
-    m, d = slots.shape[1], bank.keys.shape[2]
-    flat = (slots + torch.arange(0, B * cap, cap, device=slots.device).unsqueeze(1)).view(-1)
-    if values is None:
-        return (bank.values.view(B * cap, H).index_select(0, flat).view(B, m, H),
-                bank.keys.view(B * cap, d).index_select(0, flat).view(B, m, d))
-    torch.index_select(bank.values.view(B * cap, H), 0, flat, out=values.view(B * m, H))
-    torch.index_select(bank.keys.view(B * cap, d), 0, flat, out=keys.view(B * m, d))
-    return values, keys
 
 
 def _read_backward(ctx, r: _Read, ds: Tensor, w_k: Tensor, v: Tensor, g_query: Tensor,

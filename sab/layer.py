@@ -370,10 +370,9 @@ class SABLSTM(RecurrentLayerBase):
         out = torch.stack(outs) if keep_outputs else None  # (T, B, H)
         return out, h, c, (rec.finish(step0) if exists(rec) else None)
 
-
     def _fused_applies(self, scorer, x: Tensor, log, replay, keep_outputs: bool) -> bool:
-        """Whether ``sab.fused`` computes this layer's chunk: training with a graph, the MLP
-        scorer, sparse attention, and nothing else asked of the steps."""
+        """Whether ``sab.fused`` computes this layer's chunk: autograd on, the MLP scorer (sparse
+        or dense attention), and not a step of the sparse engine (its logs and replays)."""
         return (self.fast_path and torch.is_grad_enabled() and type(scorer) is MLPScorer
                 and not scorer.fused
                 and log is None and replay is None and keep_outputs
