@@ -5,7 +5,8 @@ the fused nn.LSTM full-BPTT step and to the straightforward implementation ("nai
 attention over all memories, the whole graph kept — the way the authors' code is written).
 SAB methods train with the reproduction's credit rule (block_score_grad + delta_grad) unless
 named ``-spec`` (SPEC §3's rule); ``sab-ref`` takes the one-node layer (``sab.fused``),
-``sab-ref-generic`` the per-step graph.
+``sab-ref-generic`` the per-step graph; ``-fused`` rows rank the memories with the
+``torch.compile``d kernel (``fused_scorer=True``; its compilation happens in the warm-up call).
 
     python -m benchmarks.step_time                     # T = 100, 200, 1000
     python -m benchmarks.step_time --T 100 200 --methods lstm sab-sparse naive
@@ -16,8 +17,8 @@ import torch
 
 from .common import B, METHODS, base_parser, finish, fmt_table, machine, make_step, timed
 
-DEFAULT_METHODS = ["lstm", "tbptt", "sab-ref", "sab-ref-generic", "sab-ref-spec", "sab-sparse",
-                   "sab-sparse-dot", "naive"]
+DEFAULT_METHODS = ["lstm", "tbptt", "sab-ref", "sab-ref-fused", "sab-ref-generic", "sab-ref-spec",
+                   "sab-sparse", "sab-sparse-dot", "naive"]
 
 
 def main(argv=None) -> dict:

@@ -374,7 +374,6 @@ class SABLSTM(RecurrentLayerBase):
         """Whether ``sab.fused`` computes this layer's chunk: autograd on, the MLP scorer (sparse
         or dense attention), and not a step of the sparse engine (its logs and replays)."""
         return (self.fast_path and torch.is_grad_enabled() and type(scorer) is MLPScorer
-                and not scorer.fused
                 and log is None and replay is None and keep_outputs
                 and x.shape[0] > 0)
 
