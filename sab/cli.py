@@ -323,7 +323,7 @@ def cmd_plot(args) -> int:
 # -- demo ----------------------------------------------------------------------------------------
 
 # Settings found by running them on the 2-core machine (README, "What the demo shows").
-DEMO = {"T": 5, "steps": 11000, "hidden": 64, "batch_size": 64, "lr": 5e-3,
+DEMO = {"T": 5, "steps": 14000, "hidden": 64, "batch_size": 64, "lr": 5e-3,
         "lr_schedule": "cosine", "clip": 0.0,
         "k_trunc": 5, "k_top": 3, "k_att": 1, "eval_every": 250, "one_hot": True,
         "block_score_grad": True, "delta_grad": True, "att_eps": 0.01}
