@@ -26,7 +26,7 @@ node returns a token so that later chunks reading this chunk's memories run thei
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,7 @@ class _Config:
     block_score_grad: bool
     dense: bool
     record: bool
+    replay: Optional[Iterator] = None  # the sparse engine's logged rankings, one per read
     reads: Optional[list] = None  # with ``record``: what each step read, for the record
 
 
@@ -73,13 +74,16 @@ class _Read:
 def fused_layer(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, scorer: MLPScorer,
                 bank: MemoryBank, step0: int, k_trunc: Optional[int], k_top: int, k_att: int,
                 eps: float, delta_grad: bool, block_score_grad: bool, dense: bool,
-                record: bool) -> tuple[Tensor, Tensor, Optional[AttentionRecord]]:
+                record: bool, replay: Optional[Iterator] = None
+                ) -> tuple[Tensor, Tensor, Optional[AttentionRecord]]:
     """One SAB layer over a chunk: ``xp`` (T, B, 4H) = x W_ihᵀ + b per step, the state entering
     it (B, H) each, the layer's ``bank`` (written in place, its graph and token updated) →
     outputs h(t) (T, B, H), the last cell state (B, H) and, with ``record``, the
-    :class:`AttentionRecord` (its summaries s(t) carry gradient, as the generic loop's)."""
+    :class:`AttentionRecord` (its summaries s(t) carry gradient, as the generic loop's).
+    ``replay``: the rankings the sparse engine logged in its forward, one per attending step,
+    used instead of ranking again (the engine's recomputation of a block)."""
     cfg = _Config(bank, scorer, step0, k_trunc, k_top, k_att, eps, delta_grad, block_score_grad,
-                  dense, record)
+                  dense, record, replay)
     first = bank.next_id
     carried = bank.token if bank.requires_grad else None
     out, summary, c, token = _FusedLayer.apply(
@@ -180,8 +184,11 @@ class _FusedLayer(Function):
         key_rows: List[tuple] = []  # (∂L/∂key (B, m, d), memory (B, m, H)) for W_k's gradient
         # the credit this chunk's reads send to this chunk's memories, waiting for their write
         # step: through the values, and through the keys (to W_k; unblocked, to h(t) too)
-        local_v = d_out.new_zeros(B, n_local, H) if n_local else None
-        local_k = d_out.new_zeros(B, n_local, d) if n_local else None
+        # (carried in with a graph, that graph holds this chunk's memories too: all credit goes
+        # there, as in the sparse engine's recomputation of a block)
+        own = n_local and not ctx.carried
+        local_v = d_out.new_zeros(B, n_local, H) if own else None
+        local_k = d_out.new_zeros(B, n_local, d) if own else None
         rows = torch.arange(B, device=d_out.device).unsqueeze(1) * n_local  # (B, 1)
         later = ctx.later  # later chunks' reads of these memories
         reads = {r.t: r for r in ctx.reads}
@@ -191,16 +198,18 @@ class _FusedLayer(Function):
             dh = d_out[t] + dh_next
             mem_id = ctx.writes.get(t)
             if mem_id is not None:  # the credit its readers sent to memory h(t)
-                row = mem_id - first
-                gk = local_k[:, row]  # (B, d)
-                dh += local_v[:, row]
+                gk = None
+                if local_v is not None:
+                    gk = local_k[:, mem_id - first]  # (B, d)
+                    dh += local_v[:, mem_id - first]
                 gv2, gk2 = later.take(mem_id)
                 if gv2 is not None:
                     dh += gv2
-                    gk = gk + gk2
-                key_rows.append((gk.unsqueeze(1), out[t].unsqueeze(1)))  # its key W_k h(t)
-                if not blocked:
-                    dh.addmm_(gk, w_k)
+                    gk = gk2 if gk is None else gk + gk2
+                if gk is not None:
+                    key_rows.append((gk.unsqueeze(1), out[t].unsqueeze(1)))  # its key W_k h(t)
+                    if not blocked:
+                        dh.addmm_(gk, w_k)
             r = reads.get(t)
             dh_hat = dh  # h(t) = ĥ(t) + s(t)
             if r is not None:  # ∂L/∂s(t): through h(t) and directly (the head reads s(t))
@@ -239,14 +248,18 @@ def _attend(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor,
     start, stop = bank.window()
     query = F.linear(h_hat, w_q, b_q)  # (B, d), as the scorer's nn.Linear
     top = m_delta = delta_ids = None
+    logged = None if cfg.replay is None else next(cfg.replay)  # consumed by every read
     if cfg.dense or stop - start <= k_top:  # every memory, softmax (SPEC §2.4)
         slots = torch.arange(start, stop, device=h_hat.device).expand(B, -1)  # (B, n)
         values, keys = bank.gather(slots)  # (B, n, H), (B, n, d) copies (no graph here)
         weights = torch.softmax(scorer.scores(query, keys), dim=-1)  # (B, n)
         ids = bank.slot_ids[slots]  # (B, n)
     else:
-        top, ranked = scorer.rank(query, bank.keys[:, start:stop], k_top + 1)  # (B, k+1)
-        ranked += start
+        if logged is None:
+            top, ranked = scorer.rank(query, bank.keys[:, start:stop], k_top + 1)  # (B, k+1)
+            ranked += start
+        else:  # the ranking of the engine's forward: scores (B, k+1), slots (B, k+1)
+            top, ranked = logged[0], logged[1]
         # with δ's gradient, δ's memory too (its key is recomputed from its value)
         slots = ranked if cfg.delta_grad else ranked[:, :k_top]
         values, keys = bank.gather(slots)  # (B, k(+1), H), (B, k(+1), d) copies
@@ -268,7 +281,8 @@ def _read_backward(ctx, r: _Read, ds: Tensor, w_k: Tensor, v: Tensor, g_query: T
     read memories (``w_i ∂L/∂s`` and their keys' gradient), the query's gradient into
     ``g_query`` (B, d); returns ``∂L/∂v`` of this step."""
     cfg = ctx.cfg
-    dw = torch.bmm(r.values, ds.unsqueeze(-1)).squeeze(-1)  # (B, m)
+    # ∂L/∂w_i = m_i·ds; a product and a sum, not bmm: 64 one-row products cost 4× more here
+    dw = (r.values * ds.unsqueeze(1)).sum(-1)  # (B, m)
     g_values = r.weights.unsqueeze(-1) * ds.unsqueeze(1)  # (B, m, H)
     keys = r.keys
     if r.dense:  # softmax
@@ -278,7 +292,8 @@ def _read_backward(ctx, r: _Read, ds: Tensor, w_k: Tensor, v: Tensor, g_query: T
         g_scores = threshold_weights_grad(dw, r.top[:, :k], r.top[:, k], r.weights, cfg.eps)
         if r.m_delta is not None:  # δ's memory's score: its key from the stored value
             g_scores = torch.cat([g_scores, threshold_delta_grad(g_scores)], 1)  # (B, k+1)
-            keys = torch.cat([keys, r.m_delta @ w_k.t()], 1)  # (B, k+1, d)
+            # (a 2-D F.linear: ``(B, 1, H) @ w_kᵀ`` takes a 3× slower batched path)
+            keys = torch.cat([keys, F.linear(r.m_delta.squeeze(1), w_k).unsqueeze(1)], 1)
     g_q, g_keys, g_v = mlp_scores_grad(r.query, keys, v, g_scores)
     g_query.copy_(g_q)
     m = r.ids.shape[1]
@@ -313,22 +328,27 @@ def _credit(ctx, ids: Tensor, g_values: Tensor, g_keys: Tensor, local_v: Optiona
     """Route the credit of a read of memories ``ids`` (B, m) through their values (B, m, H) and
     keys (B, m, d): to this chunk's memories (it waits in ``local_v``/``local_k`` for their
     write step) and to memories carried in with a graph (their chunk's writes take it);
-    memories carried in without a graph get none."""
+    memories carried in without a graph get none.  With a carried graph, this chunk's memories
+    have their rows in it too: one accumulation for all, taken at their write steps."""
+    if ctx.carried:
+        ctx.graph.accumulate(ids, g_values, g_keys)
+        return
     old = _old(ctx, ids)
     if ctx.n_local:
         _local_add(local_v, ids, g_values, ctx.first, rows, old)
         _local_add(local_k, ids, g_keys, ctx.first, rows, old)
-    if old is not None and ctx.carried:
-        ctx.graph.accumulate(ids, g_values * old, g_keys * old)
 
 
 def _delta_credit(ctx, r: _Read, g_key: Tensor, key_rows: list, local_k: Optional[Tensor],
                   rows: Tensor) -> None:
     """δ's memory's key gradient (B, 1, d) goes to W_k through its stored value, whichever chunk
     wrote it: this chunk's memories collect it with their keys' (one row of W_k's product per
-    memory), a carried memory's goes straight into ``key_rows``."""
+    memory), a carried memory's goes straight into ``key_rows`` (every one's, when the chunk's
+    memories share the carried graph: ``local_k`` is not there)."""
+    if local_k is None:
+        key_rows.append((g_key, r.m_delta))
+        return
     old = _old(ctx, r.delta_ids)
-    if ctx.n_local:
-        _local_add(local_k, r.delta_ids, g_key, ctx.first, rows, old)
+    _local_add(local_k, r.delta_ids, g_key, ctx.first, rows, old)
     if old is not None:
         key_rows.append((g_key * old, r.m_delta))

@@ -336,7 +336,7 @@ class SABLSTM(RecurrentLayerBase):
             out, c, rec = fused_layer(F.linear(x, w_ih, bias), h, c, w_hh, scorer, bank, step0,
                                       self.k_trunc, self.k_top, self.k_att, self.att_eps,
                                       self.delta_grad, self.block_score_grad, self.dense,
-                                      record)
+                                      record, replay)
             return out, out[-1], c, rec  # (T, B, H) from the projected input (T, B, 4H)
         w_hh_t = w_hh.t()  # (H, 4H)
         outs: List[Tensor] = []
@@ -372,9 +372,11 @@ class SABLSTM(RecurrentLayerBase):
 
     def _fused_applies(self, scorer, x: Tensor, log, replay, keep_outputs: bool) -> bool:
         """Whether ``sab.fused`` computes this layer's chunk: autograd on, the MLP scorer (sparse
-        or dense attention), and not a step of the sparse engine (its logs and replays)."""
+        or dense attention) — the reference engine's chunks and the sparse engine's
+        recomputations of a block (which replay the logged rankings); not the sparse engine's
+        graph-free forward (it logs)."""
         return (self.fast_path and torch.is_grad_enabled() and type(scorer) is MLPScorer
-                and log is None and replay is None and keep_outputs
+                and log is None and keep_outputs
                 and x.shape[0] > 0)
 
 

@@ -90,10 +90,13 @@ def test_training_uses_one_autograd_node_per_layer_and_chunk():
     assert "_LSTMPointwiseBackward" not in names and "_GatherBackward" not in names
 
 
-def test_sparse_engine_and_evaluation_keep_the_generic_path(monkeypatch):
-    """Without autograd (evaluation, the sparse engine's forward) and in the sparse engine's
-    recomputations (logs, replays) the layer runs the generic loop."""
+def test_evaluation_and_the_sparse_engines_forward_keep_the_generic_path(monkeypatch):
+    """Without autograd (evaluation, the sparse engine's graph-free forward, which logs) the layer
+    runs the generic loop; the sparse engine recomputes each block it visits through the
+    one-node layer, replaying the rankings its forward logged."""
     import sab.layer
+
+    calls = []
 
     def refuse(*args, **kwargs):
         raise AssertionError("fused_layer called")
@@ -103,10 +106,44 @@ def test_sparse_engine_and_evaluation_keep_the_generic_path(monkeypatch):
     monkeypatch.setattr(sab.layer, "fused_layer", refuse)
     with torch.no_grad():
         layer(x)
-    res = forward_backward(layer, x, lambda a, b, o, s: o.sum(), engine="sparse")
-    assert torch.isfinite(res.loss)
     with pytest.raises(AssertionError, match="fused_layer called"):  # the spy works
         layer(x)
+
+    def spy(*args):
+        calls.append(args[-1])  # the replay
+        return fused_layer(*args)
+
+    fused_layer = sab.fused.fused_layer
+    monkeypatch.setattr(sab.layer, "fused_layer", spy)
+    res = forward_backward(layer, x, lambda a, b, o, s: o.sum(), engine="sparse")
+    assert torch.isfinite(res.loss)
+    assert len(calls) == res.stats["steps_backpropagated"] // 3  # one call per visited block
+    assert all(r is not None for r in calls)
+
+
+@pytest.mark.parametrize("kw", CONFIGS)
+def test_sparse_engine_recomputes_blocks_through_the_one_node_layer(kw):
+    """The sparse engine with the one-node layer for its recomputations gives the gradients of
+    the per-step graph's recomputations (and both those of the reference engine,
+    ``tests/test_engines.py``), with carried state and memory."""
+    if kw.get("k_trunc") is None:
+        kw = dict(kw, k_trunc=6)  # the engine needs blocks
+    grads = {}
+    for fast in (True, False):
+        torch.manual_seed(3)
+        layer = sab.SABLSTM(3, 5, **kw).double()
+        layer.fast_path = fast
+        g = torch.Generator().manual_seed(4)
+        x = torch.randn(13, 2, 3, dtype=torch.float64, generator=g)
+        r = torch.randn(13, 2, 5, dtype=torch.float64, generator=g)
+        state = None
+        for lo, hi in ((0, 6), (6, 13)):  # state and memory carried (detached) into chunk 2
+            res = forward_backward(layer, x[lo:hi], lambda a, b, o, s: ((o + s) * r[lo + a:lo + b]).sum(),
+                                   state, engine="sparse")
+            state = res.state
+        grads[fast] = param_grads(layer)
+    for name in grads[False]:
+        assert_grads_close(grads[True][name], grads[False][name], msg=name)
 
 
 def test_a_training_step_leaves_nothing_behind(monkeypatch):
