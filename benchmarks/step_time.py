@@ -13,6 +13,8 @@ named ``-spec`` (SPEC §3's rule); ``sab-ref`` takes the one-node layer (``sab.f
 """
 from __future__ import annotations
 
+import statistics
+
 import torch
 
 from .common import B, METHODS, base_parser, finish, fmt_table, machine, make_step, timed
@@ -32,20 +34,27 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
-    times = {}
+    times, ratios = {}, {}
     for T in args.T:
         names = [n for n in args.methods if not (n == "naive" and T > args.naive_max_T)]
         steps = {n: make_step(METHODS[n], T, device=args.device) for n in names}
         reps = args.repeats if T <= 200 else max(1, args.repeats - 1)
-        # rounds over the methods, best of each: a slow spell of the machine (these are shared
-        # virtual machines) then hits every method alike instead of whichever ran during it
-        best = {n: timed(steps[n], 1, warmup=1, sync=sync) for n in names}
-        for _ in range(reps - 1):
-            for n in names:
-                best[n] = min(best[n], timed(steps[n], 1, warmup=0, sync=sync))
+        # rounds over the methods: a slow spell of the machine (these are shared virtual
+        # machines) then hits every method of a round alike instead of whichever ran during it
         for n in names:
-            times[(n, T)] = best[n]
-            print(f"  {n:18s} T={T:5d}  {best[n] * 1e3:9.1f} ms", flush=True)
+            timed(steps[n], 0, warmup=1, sync=sync)
+        samples = {n: [] for n in names}  # one time per method per round
+        for _ in range(reps):
+            for n in names:
+                samples[n].append(timed(steps[n], 1, warmup=0, sync=sync))
+        for n in names:
+            times[(n, T)] = min(samples[n])
+            for ref in ("lstm", "naive"):
+                if ref in samples:  # the ratio within each round, its median over the rounds
+                    ratios[(n, ref, T)] = statistics.median(
+                        a / b for a, b in zip(samples[n], samples[ref]))
+            print(f"  {n:18s} T={T:5d}  {times[(n, T)] * 1e3:9.1f} ms  (rounds: "
+                  + " ".join(f"{x * 1e3:.0f}" for x in samples[n]) + ")", flush=True)
         del steps
     header = ["method"] + [f"T={T} ms" for T in args.T] + [f"T={T} ×lstm" for T in args.T] \
         + [f"T={T} naive/x" for T in args.T if ("naive", T) in times]
@@ -53,16 +62,18 @@ def main(argv=None) -> dict:
     for name in args.methods:
         row = [name]
         row += [f"{times[(name, T)] * 1e3:.0f}" if (name, T) in times else "-" for T in args.T]
-        row += [f"{times[(name, T)] / times[('lstm', T)]:.2f}"
-                if (name, T) in times and ("lstm", T) in times else "-" for T in args.T]
-        row += [f"{times[('naive', T)] / times[(name, T)]:.2f}" if (name, T) in times else "-"
+        row += [f"{ratios[(name, 'lstm', T)]:.2f}" if (name, "lstm", T) in ratios else "-"
+                for T in args.T]
+        row += [f"{1 / ratios[(name, 'naive', T)]:.2f}" if (name, "naive", T) in ratios else "-"
                 for T in args.T if ("naive", T) in times]
         rows.append(row)
     print(f"\nTraining-step time, copying, B={B}, H=128, k_trunc=5, k_top=5, k_att=2, "
-          f"device {args.device}")
+          f"device {args.device}; ms: best of {args.repeats} rounds ({max(1, args.repeats - 1)} "
+          f"above T=200); ratios: median over the rounds of the ratio within a round")
     print(machine())
     print(fmt_table(header, rows))
-    results = {"times_s": {f"{n}@{T}": t for (n, T), t in times.items()}}
+    results = {"times_s": {f"{n}@{T}": t for (n, T), t in times.items()},
+               "median_ratio": {f"{n}/{ref}@{T}": r for (n, ref, T), r in ratios.items()}}
     finish(args, results)
     return results
 
