@@ -222,3 +222,17 @@ def test_score_grad_benchmark_changes_only_the_scorers_gradient(tmp_path, monkey
         assert a["loss"] == b["loss"]
         assert a["LSTM, head, embedding"] == pytest.approx(b["LSTM, head, embedding"], rel=1e-6)
         assert a["scorer v"] != b["scorer v"]
+
+
+def test_step_time_benchmark_reports_ratios_within_rounds(tmp_path):
+    """benchmarks/step_time.py on tiny problems: every method timed in every round, the ratio to
+    the LSTM the median of the rounds' ratios (the LSTM's own is exactly 1)."""
+    from benchmarks import step_time
+
+    res = step_time.main(["--T", "6", "--methods", "lstm", "sab-ref", "--repeats", "3",
+                          "--json", str(tmp_path / "t.json")])
+    assert set(res["times_s"]) == {"lstm@6", "sab-ref@6"}
+    assert all(t > 0 for t in res["times_s"].values())
+    assert res["median_ratio"]["lstm/lstm@6"] == 1.0
+    assert res["median_ratio"]["sab-ref/lstm@6"] > 0
+    assert json.loads((tmp_path / "t.json").read_text())["median_ratio"] == res["median_ratio"]
