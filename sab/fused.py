@@ -15,13 +15,17 @@ dense attention (the self-attention baseline), the scores' credit going into ĥ 
 (SPEC §3) or to the scorer alone (``block_score_grad``, with or without ``delta_grad``), any
 ``k_trunc``, ``k_top``, ``k_att``, ``att_eps``, ``max_memories``, a carried state and a carried
 memory with or without graph, and attention records.  ``SABLSTM`` takes it whenever autograd is
-on and the sparse engine is not driving the layer (its logs and replays go through the generic
-loop) — see ``SABLSTM._fused_applies``.
+on: the reference engine's chunks and the sparse engine's recomputations of a block (which
+replay the rankings its forward logged); the sparse engine's graph-free forward, which logs,
+keeps the generic loop — see ``SABLSTM._fused_applies``.
 
 Credit routing follows the memory bank (``sab.memory``): a memory written in this chunk collects
 the credit of its reads in a chunk-local buffer and receives it at its write step (multi-hop
 credit, SPEC §3); memories carried in with a graph get theirs through the bank's graph, and the
 node returns a token so that later chunks reading this chunk's memories run their backward first.
+When the chunk comes with a carried graph, that graph has rows for this chunk's memories too
+(the sparse engine's gradient store covers every memory of its chunk), and all credit goes
+there.
 """
 from __future__ import annotations
 
