@@ -125,7 +125,8 @@ class _Gather(Function):
         ctx.graph = graph
         ctx.save_for_backward(ids)
         ctx.mark_non_differentiable(ids)
-        return _gather_rows(values, slots), _gather_rows(keys, slots)
+        flat = _flat_rows(slots, values.shape[1])
+        return _gather_rows(values, slots, flat), _gather_rows(keys, slots, flat)
 
     @staticmethod
     def backward(ctx, gv, gk):
@@ -134,11 +135,17 @@ class _Gather(Function):
         return torch.zeros((), dtype=gv.dtype, device=gv.device), None, None, None, None, None
 
 
-def _gather_rows(buf: Tensor, slots: Tensor) -> Tensor:
-    """``buf`` (B, cap, D), ``slots`` (B, m) → (B, m, D)."""
+def _flat_rows(slots: Tensor, cap: int) -> Tensor:
+    """Rows of a (B·cap, D) view of a bank buffer for ``slots`` (B, m) → (B·m,)."""
+    return (slots + torch.arange(slots.shape[0], device=slots.device).unsqueeze(1) * cap).reshape(-1)
+
+
+def _gather_rows(buf: Tensor, slots: Tensor, flat: Optional[Tensor] = None) -> Tensor:
+    """``buf`` (B, cap, D), ``slots`` (B, m) → (B, m, D); ``flat``: ``_flat_rows`` of the
+    slots, when the caller reads several buffers at the same slots."""
     B, cap, D = buf.shape
     m = slots.shape[1]
-    flat = (slots + torch.arange(B, device=slots.device).unsqueeze(1) * cap).reshape(-1)  # (B*m,)
+    flat = _flat_rows(slots, cap) if flat is None else flat  # (B*m,)
     return buf.reshape(B * cap, D).index_select(0, flat).view(B, m, D)  # 5× faster than gather
 
 
@@ -318,7 +325,8 @@ class MemoryBank:
         if torch.is_grad_enabled() and self.requires_grad:
             ids = self.slot_ids[slots]  # (B, m)
             return _Gather.apply(self.token, self.values, self.keys, slots, ids, self.graph)
-        return _gather_rows(self.values, slots), _gather_rows(self.keys, slots)
+        flat = _flat_rows(slots, self.values.shape[1])
+        return _gather_rows(self.values, slots, flat), _gather_rows(self.keys, slots, flat)
 
     def stored_values(self, slots: Tensor) -> Tensor:
         """The memories at ``slots`` (B, m) → (B, m, H) as stored: values without a graph, so
