@@ -37,13 +37,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from .cell import cell_update, gate_activations_, pointwise_backward
+from .cell import Selection, cell_update, gate_activations_, pointwise_backward
 from .memory import MemoryBank, _Graph
 from .scorer import MLPScorer, mlp_scores_grad
 from .sparsifier import threshold_delta_grad, threshold_weights, threshold_weights_grad
 from .state import AttentionRecord
 
-__all__ = ["fused_layer"]
+__all__ = ["fused_layer", "fused_forward"]
 
 
 @dataclass
@@ -118,43 +118,88 @@ def _is_cut(step: int, k_trunc: Optional[int]) -> bool:
     return k_trunc is not None and step % k_trunc == 0
 
 
+def _forward(cfg: _Config, xps, T: int, h0: Tensor, c0: Tensor, w_hh: Tensor, w_q: Tensor,
+             b_q: Tensor, w_k: Tensor, save: bool, log=None, keep_outputs: bool = True):
+    """The forward of one layer over a chunk, without graph: ``xps`` the projected inputs
+    x W_ihᵀ + b, (B, 4H) per step.  ``save``: keep what the hand-written backward needs (each
+    step's activations, c and tanh c, ĥ) — the node's forward; else only the outputs (with
+    ``keep_outputs``), the record's reads and the sparse engine's ``log`` (the state entering
+    every block, the ranking of every step that attended) — evaluation and the sparse engine's
+    graph-free forward, whose memory must not grow by per-step activations.
+    Returns (acts, cs, tcs, h_hats, outs, summary, reads, writes, h, c)."""
+    bank = cfg.bank
+    w_hh_t = w_hh.t()
+    h, c = h0, c0
+    B, H = h0.shape
+    acts: List[Tensor] = []  # gate activations (B, 4H) per step
+    h_hats: List[Tensor] = []  # ĥ(t) (B, H) per step
+    outs: List[Tensor] = []  # h(t) (B, H) per step
+    cs = tcs = summary = None
+    if save:  # one buffer per chunk: c entering each step (and the last), tanh(c(t))
+        cs, tcs = h0.new_empty(T + 1, B, H), h0.new_empty(T, B, H)
+        cs[0] = c0
+    if save or cfg.record:
+        summary = h0.new_zeros(T, B, H)  # s(t), zero before the first memory
+    reads: List[_Read] = []
+    writes = {}  # t -> id of the memory written at step t
+    for t, xp_t in enumerate(xps):
+        g = cfg.step0 + t
+        if log is not None and (t == 0 or _is_cut(g, cfg.k_trunc)):
+            log.add_boundary(t, h, c, bank)
+        # (no out= here: MKL's addmm into a given buffer rounds differently, and the
+        # sparse engine's graph-free forward must equal its recomputations bit for bit)
+        act = gate_activations_(torch.addmm(xp_t, h, w_hh_t))  # (B, 4H)
+        # ĥ and h are fresh tensors, not rows of a (T, B, H) buffer: MKL's products round
+        # differently on unaligned rows, and both engines' forwards must agree bit for bit
+        if save:
+            acts.append(act)
+            h_hat = cell_update(act, cs[t], cs[t + 1], tcs[t])[0]
+            h_hats.append(h_hat)
+        else:
+            h_hat, c, _ = cell_update(act, c)
+        if bank.count > 0:
+            s = h0.new_empty(B, H) if summary is None else summary[t]
+            r = _attend(cfg, t, h_hat, w_q, b_q, s, log)
+            if save or cfg.record:
+                reads.append(r)
+            h = h_hat + s
+        else:
+            h = h_hat
+        if save or keep_outputs:
+            outs.append(h)
+        if (g + 1) % cfg.k_att == 0:
+            writes[t] = bank.write(h, F.linear(h, w_k), g)  # no graph here: values only
+    return acts, cs, tcs, h_hats, outs, summary, reads, writes, h, (cs[T] if save else c)
+
+
+def fused_forward(xps, T: int, h0: Tensor, c0: Tensor, w_hh: Tensor, scorer: MLPScorer,
+                  bank: MemoryBank, step0: int, k_trunc: Optional[int], k_top: int, k_att: int,
+                  eps: float, delta_grad: bool, block_score_grad: bool, dense: bool,
+                  record: bool, log=None, keep_outputs: bool = True):
+    """One SAB layer over a chunk without autograd (evaluation, the sparse engine's graph-free
+    forward): the same forward as :func:`fused_layer`, keeping no per-step activations.
+    ``xps`` the projected inputs (B, 4H) per step, ``log`` the sparse engine's ``ForwardLog`` →
+    outputs (T, B, H) (``None`` without ``keep_outputs``), the last h and c (B, H) and, with
+    ``record``, the :class:`AttentionRecord`."""
+    cfg = _Config(bank, scorer, step0, k_trunc, k_top, k_att, eps, delta_grad, block_score_grad,
+                  dense, record)
+    with torch.no_grad():
+        *_, outs, summary, reads, _, h, c = _forward(
+            cfg, xps, T, h0, c0, w_hh, scorer.query_proj.weight, scorer.query_proj.bias,
+            scorer.key_proj.weight, False, log, keep_outputs)
+        out = torch.stack(outs) if keep_outputs else None  # (T, B, H)
+        rec = _record(reads, summary, step0, k_top) if record else None
+    return out, h, c, rec
+
+
 class _FusedLayer(Function):
     @staticmethod
     def forward(ctx, xp, h0, c0, w_hh, w_q, b_q, w_k, v, carried_token, cfg: _Config):
-        T, B, _ = xp.shape
-        H = h0.shape[1]
-        bank, scorer, k_top = cfg.bank, cfg.scorer, cfg.k_top
-        w_hh_t = w_hh.t()
-        # what the backward needs, one buffer per chunk
-        acts: List[Tensor] = []  # gate activations (B, 4H) per step
-        cs = xp.new_empty(T + 1, B, H)  # c entering each step, and the last
-        tcs = xp.new_empty(T, B, H)  # tanh(c(t))
-        h_hats: List[Tensor] = []  # ĥ(t) (B, H) per step
-        outs: List[Tensor] = []  # h(t) (B, H) per step
-        summary = xp.new_zeros(T, B, H)  # s(t), zero before the first memory
-        cs[0] = c0
-        reads: List[_Read] = []
-        writes = {}  # t -> id of the memory written at step t
+        T = xp.shape[0]
+        bank = cfg.bank
         first = bank.next_id
-        h = h0
-        for t in range(T):
-            g = cfg.step0 + t
-            # (no out= here: MKL's addmm into a given buffer rounds differently, and the
-            # sparse engine's graph-free forward must equal this one bit for bit)
-            act = gate_activations_(torch.addmm(xp[t], h, w_hh_t))  # (B, 4H)
-            acts.append(act)
-            # ĥ and h are fresh tensors, not rows of a (T, B, H) buffer: MKL's products round
-            # differently on unaligned rows, and both engines' forwards must agree bit for bit
-            h_hat = cell_update(act, cs[t], cs[t + 1], tcs[t])[0]
-            h_hats.append(h_hat)
-            if bank.count > 0:
-                reads.append(_attend(cfg, t, h_hat, w_q, b_q, summary[t]))
-                h = h_hat + summary[t]
-            else:
-                h = h_hat
-            outs.append(h)
-            if (g + 1) % cfg.k_att == 0:
-                writes[t] = bank.write(h, F.linear(h, w_k), g)  # no graph here: values only
+        acts, cs, tcs, h_hats, outs, summary, reads, writes, _, _ = _forward(
+            cfg, xp.unbind(0), T, h0, c0, w_hh, w_q, b_q, w_k, True)
         ctx.cfg, ctx.reads, ctx.writes, ctx.first = cfg, reads, writes, first
         ctx.carried = carried_token is not None
         ctx.graph = bank.graph if ctx.carried else None  # the carried memories' graph
@@ -172,7 +217,7 @@ class _FusedLayer(Function):
         ctx.acts = acts
         if cfg.record:
             cfg.reads = reads
-        return out, summary, cs[T].clone(), xp.new_zeros(())
+        return out, summary, cs[T].clone(), xp.new_zeros(())  # c(T) (B, H), the token
 
     @staticmethod
     def backward(ctx, d_out, d_summary, d_c, _d_token):
@@ -244,9 +289,10 @@ class _FusedLayer(Function):
 
 
 def _attend(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor,
-            s: Tensor) -> _Read:
+            s: Tensor, log=None) -> _Read:
     """The forward of one step's attention, as ``sab.cell.attend`` computes it: the summary into
-    ``s`` (B, H); returns what the backward needs."""
+    ``s`` (B, H); the ranking into the sparse engine's ``log``; returns what the backward
+    needs."""
     bank, scorer, k_top = cfg.bank, cfg.scorer, cfg.k_top
     B = h_hat.shape[0]
     start, stop = bank.window()
@@ -258,12 +304,16 @@ def _attend(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor,
         values, keys = bank.gather(slots)  # (B, n, H), (B, n, d) copies (no graph here)
         weights = torch.softmax(scorer.scores(query, keys), dim=-1)  # (B, n)
         ids = bank.slot_ids[slots]  # (B, n)
+        if log is not None:
+            log.add_selection(None)  # every memory read: nothing to replay
     else:
         if logged is None:
             top, ranked = scorer.rank(query, bank.keys[:, start:stop], k_top + 1)  # (B, k+1)
             ranked += start
         else:  # the ranking of the engine's forward: scores (B, k+1), slots (B, k+1)
             top, ranked = logged[0], logged[1]
+        if log is not None:
+            log.add_selection(Selection(top, ranked))
         # with δ's gradient, δ's memory too (its key is recomputed from its value)
         slots = ranked if cfg.delta_grad else ranked[:, :k_top]
         values, keys = bank.gather(slots)  # (B, k(+1), H), (B, k(+1), d) copies

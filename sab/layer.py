@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cell import Selection, attend, lstm_pointwise
-from .fused import fused_layer
+from .fused import fused_forward, fused_layer
 from .memory import MemoryBank
 from .scorer import SCORERS, MLPScorer, make_scorer
 from .state import AttentionRecord, RecurrentState
@@ -338,6 +338,11 @@ class SABLSTM(RecurrentLayerBase):
                                       self.delta_grad, self.block_score_grad, self.dense,
                                       record, replay)
             return out, out[-1], c, rec  # (T, B, H) from the projected input (T, B, 4H)
+        if self._fused_forward_applies(scorer, x, replay):  # no autograd: the same steps
+            return fused_forward(_projected(x, w_ih, bias), x.shape[0], h, c, w_hh, scorer, bank,
+                                 step0, self.k_trunc, self.k_top, self.k_att, self.att_eps,
+                                 self.delta_grad, self.block_score_grad, self.dense, record,
+                                 log, keep_outputs)
         w_hh_t = w_hh.t()  # (H, 4H)
         outs: List[Tensor] = []
         rec = _Recorder(self.k_top) if record else None
@@ -378,6 +383,12 @@ class SABLSTM(RecurrentLayerBase):
         return (self.fast_path and torch.is_grad_enabled() and type(scorer) is MLPScorer
                 and log is None and keep_outputs
                 and x.shape[0] > 0)
+
+    def _fused_forward_applies(self, scorer, x: Tensor, replay) -> bool:
+        """Whether ``sab.fused``'s forward computes this layer's chunk without autograd:
+        evaluation and the sparse engine's graph-free forward (which logs), MLP scorer."""
+        return (self.fast_path and not torch.is_grad_enabled() and type(scorer) is MLPScorer
+                and replay is None and x.shape[0] > 0)
 
 
 PROJECTION_SLAB = 256  # steps whose input projection is computed in one matrix product

@@ -90,35 +90,58 @@ def test_training_uses_one_autograd_node_per_layer_and_chunk():
     assert "_LSTMPointwiseBackward" not in names and "_GatherBackward" not in names
 
 
-def test_evaluation_and_the_sparse_engines_forward_keep_the_generic_path(monkeypatch):
-    """Without autograd (evaluation, the sparse engine's graph-free forward, which logs) the layer
-    runs the generic loop; the sparse engine recomputes each block it visits through the
-    one-node layer, replaying the rankings its forward logged."""
+def test_the_sparse_engine_runs_its_blocks_through_the_one_node_layer(monkeypatch):
+    """The sparse engine's graph-free forward runs ``fused_forward`` (no node), and each block
+    it visits is recomputed through the one-node layer, replaying the logged rankings."""
     import sab.layer
 
-    calls = []
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("fused_layer called")
-
-    layer = sab.SABLSTM(3, 5, k_trunc=3, k_top=2, k_att=1, block_score_grad=True)
-    x = torch.randn(9, 2, 3)
-    monkeypatch.setattr(sab.layer, "fused_layer", refuse)
-    with torch.no_grad():
-        layer(x)
-    with pytest.raises(AssertionError, match="fused_layer called"):  # the spy works
-        layer(x)
+    calls, forwards = [], []
 
     def spy(*args):
         calls.append(args[-1])  # the replay
         return fused_layer(*args)
 
-    fused_layer = sab.fused.fused_layer
+    def spy_forward(*args):
+        forwards.append(args[-2])  # the log
+        return fused_forward(*args)
+
+    fused_layer, fused_forward = sab.fused.fused_layer, sab.fused.fused_forward
     monkeypatch.setattr(sab.layer, "fused_layer", spy)
+    monkeypatch.setattr(sab.layer, "fused_forward", spy_forward)
+    layer = sab.SABLSTM(3, 5, k_trunc=3, k_top=2, k_att=1, block_score_grad=True)
+    x = torch.randn(9, 2, 3)
     res = forward_backward(layer, x, lambda a, b, o, s: o.sum(), engine="sparse")
     assert torch.isfinite(res.loss)
+    assert len(forwards) == 1 and forwards[0] is not None
     assert len(calls) == res.stats["steps_backpropagated"] // 3  # one call per visited block
     assert all(r is not None for r in calls)
+
+
+@pytest.mark.parametrize("kw", CONFIGS)
+def test_forward_without_autograd_equals_the_generic_loop(kw):
+    """Evaluation (no autograd) through ``fused_forward`` computes the generic loop's forward
+    bit for bit: outputs, records, the final state and memory, over two chunks."""
+    results = {}
+    for fast in (True, False):
+        torch.manual_seed(5)
+        layer = sab.SABLSTM(3, 5, **kw).double()
+        layer.fast_path = fast
+        x = torch.randn(13, 2, 3, dtype=torch.float64)
+        with torch.no_grad():
+            out1, st, rec1 = layer(x[:6], return_attention=True)
+            out2, st, rec2 = layer(x[6:], st, return_attention=True)
+        results[fast] = (torch.cat([out1, out2]), rec1 + rec2, st)
+    (out_f, recs_f, st_f), (out_g, recs_g, st_g) = results[True], results[False]
+    assert torch.equal(out_f, out_g)
+    for a, b in zip(recs_f, recs_g):
+        for f in ("summary", "weights", "indices", "memory_steps"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), f
+    assert torch.equal(st_f.h, st_g.h) and torch.equal(st_f.c, st_g.c)
+    for m_f, m_g in zip(st_f.memory, st_g.memory):
+        if m_f is not None:
+            a, b = m_f.chronological(), m_g.chronological()
+            assert torch.equal(a.values[:, :a.count], b.values[:, :b.count])
+            assert torch.equal(a.keys[:, :a.count], b.keys[:, :b.count])
 
 
 @pytest.mark.parametrize("kw", CONFIGS)
