@@ -153,7 +153,7 @@ def _forward(cfg: _Config, xps, T: int, h0: Tensor, c0: Tensor, w_hh: Tensor, w_
         # differently on unaligned rows, and both engines' forwards must agree bit for bit
         if save:
             acts.append(act)
-            h_hat = cell_update(act, cs[t], cs[t + 1], tcs[t])[0]
+            h_hat, c, _ = cell_update(act, cs[t], cs[t + 1], tcs[t])  # c: a row of cs
             h_hats.append(h_hat)
         else:
             h_hat, c, _ = cell_update(act, c)
@@ -169,7 +169,7 @@ def _forward(cfg: _Config, xps, T: int, h0: Tensor, c0: Tensor, w_hh: Tensor, w_
             outs.append(h)
         if (g + 1) % cfg.k_att == 0:
             writes[t] = bank.write(h, F.linear(h, w_k), g)  # no graph here: values only
-    return acts, cs, tcs, h_hats, outs, summary, reads, writes, h, (cs[T] if save else c)
+    return acts, cs, tcs, h_hats, outs, summary, reads, writes, h, c
 
 
 def fused_forward(xps, T: int, h0: Tensor, c0: Tensor, w_hh: Tensor, scorer: MLPScorer,
