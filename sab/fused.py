@@ -30,7 +30,7 @@ there.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,7 @@ class _Config:
     dense: bool
     record: bool
     replay: Optional[Iterator] = None  # the sparse engine's logged rankings, one per read
+    log: Optional[object] = None  # the sparse engine's ForwardLog, filled by its forward
     reads: Optional[list] = None  # with ``record``: what each step read, for the record
 
 
@@ -118,16 +119,29 @@ def _is_cut(step: int, k_trunc: Optional[int]) -> bool:
     return k_trunc is not None and step % k_trunc == 0
 
 
+class _Pass(NamedTuple):
+    """What :func:`_forward` computed over a chunk (``None``/empty where it was not kept)."""
+    acts: List[Tensor]  # gate activations (B, 4H) per step (saved)
+    cs: Optional[Tensor]  # (T+1, B, H) c entering each step, and the last (saved)
+    tcs: Optional[Tensor]  # (T, B, H) tanh(c(t)) (saved)
+    h_hats: List[Tensor]  # ĥ(t) (B, H) per step (saved)
+    outs: List[Tensor]  # h(t) (B, H) per step (saved or keep_outputs)
+    summary: Optional[Tensor]  # (T, B, H) s(t) (saved or record)
+    reads: List["_Read"]  # what each attending step read (saved or record)
+    writes: Dict[int, int]  # step -> id of the memory written there
+    h: Tensor  # the last h (B, H)
+    c: Tensor  # the last c (B, H)
+
+
 def _forward(cfg: _Config, xps, T: int, h0: Tensor, c0: Tensor, w_hh: Tensor, w_q: Tensor,
-             b_q: Tensor, w_k: Tensor, save: bool, log=None, keep_outputs: bool = True):
+             b_q: Tensor, w_k: Tensor, save: bool, keep_outputs: bool = True) -> _Pass:
     """The forward of one layer over a chunk, without graph: ``xps`` the projected inputs
     x W_ihᵀ + b, (B, 4H) per step.  ``save``: keep what the hand-written backward needs (each
     step's activations, c and tanh c, ĥ) — the node's forward; else only the outputs (with
-    ``keep_outputs``), the record's reads and the sparse engine's ``log`` (the state entering
+    ``keep_outputs``), the record's reads and the sparse engine's ``cfg.log`` (the state entering
     every block, the ranking of every step that attended) — evaluation and the sparse engine's
-    graph-free forward, whose memory must not grow by per-step activations.
-    Returns (acts, cs, tcs, h_hats, outs, summary, reads, writes, h, c)."""
-    bank = cfg.bank
+    graph-free forward, whose memory must not grow by per-step activations."""
+    bank, log = cfg.bank, cfg.log
     w_hh_t = w_hh.t()
     h, c = h0, c0
     B, H = h0.shape
@@ -159,7 +173,7 @@ def _forward(cfg: _Config, xps, T: int, h0: Tensor, c0: Tensor, w_hh: Tensor, w_
             h_hat, c, _ = cell_update(act, c)
         if bank.count > 0:
             s = h0.new_empty(B, H) if summary is None else summary[t]
-            r = _attend(cfg, t, h_hat, w_q, b_q, s, log)
+            r = _attend(cfg, t, h_hat, w_q, b_q, s)
             if save or cfg.record:
                 reads.append(r)
             h = h_hat + s
@@ -169,7 +183,7 @@ def _forward(cfg: _Config, xps, T: int, h0: Tensor, c0: Tensor, w_hh: Tensor, w_
             outs.append(h)
         if (g + 1) % cfg.k_att == 0:
             writes[t] = bank.write(h, F.linear(h, w_k), g)  # no graph here: values only
-    return acts, cs, tcs, h_hats, outs, summary, reads, writes, h, c
+    return _Pass(acts, cs, tcs, h_hats, outs, summary, reads, writes, h, c)
 
 
 def fused_forward(xps, T: int, h0: Tensor, c0: Tensor, w_hh: Tensor, scorer: MLPScorer,
@@ -182,14 +196,13 @@ def fused_forward(xps, T: int, h0: Tensor, c0: Tensor, w_hh: Tensor, scorer: MLP
     outputs (T, B, H) (``None`` without ``keep_outputs``), the last h and c (B, H) and, with
     ``record``, the :class:`AttentionRecord`."""
     cfg = _Config(bank, scorer, step0, k_trunc, k_top, k_att, eps, delta_grad, block_score_grad,
-                  dense, record)
+                  dense, record, log=log)
     with torch.no_grad():
-        *_, outs, summary, reads, _, h, c = _forward(
-            cfg, xps, T, h0, c0, w_hh, scorer.query_proj.weight, scorer.query_proj.bias,
-            scorer.key_proj.weight, False, log, keep_outputs)
-        out = torch.stack(outs) if keep_outputs else None  # (T, B, H)
-        rec = _record(reads, summary, step0, k_top) if record else None
-    return out, h, c, rec
+        p = _forward(cfg, xps, T, h0, c0, w_hh, scorer.query_proj.weight,
+                     scorer.query_proj.bias, scorer.key_proj.weight, False, keep_outputs)
+        out = torch.stack(p.outs) if keep_outputs else None  # (T, B, H)
+        rec = _record(p.reads, p.summary, step0, k_top) if record else None
+    return out, p.h, p.c, rec
 
 
 class _FusedLayer(Function):
@@ -198,9 +211,8 @@ class _FusedLayer(Function):
         T = xp.shape[0]
         bank = cfg.bank
         first = bank.next_id
-        acts, cs, tcs, h_hats, outs, summary, reads, writes, _, _ = _forward(
-            cfg, xp.unbind(0), T, h0, c0, w_hh, w_q, b_q, w_k, True)
-        ctx.cfg, ctx.reads, ctx.writes, ctx.first = cfg, reads, writes, first
+        p = _forward(cfg, xp.unbind(0), T, h0, c0, w_hh, w_q, b_q, w_k, True)
+        ctx.cfg, ctx.reads, ctx.writes, ctx.first = cfg, p.reads, p.writes, first
         ctx.carried = carried_token is not None
         ctx.graph = bank.graph if ctx.carried else None  # the carried memories' graph
         ctx.n_local = bank.next_id - first
@@ -212,12 +224,12 @@ class _FusedLayer(Function):
         # no reference to the bank from here on: the bank will hold this node's token, and a
         # cycle through an autograd node is never collected (it leaked every step's buffers)
         cfg.bank = None
-        out, h_hats = torch.stack(outs), torch.stack(h_hats)  # (T, B, H)
-        ctx.save_for_backward(h0, w_hh, w_q, w_k, v, cs, tcs, h_hats, out)
-        ctx.acts = acts
+        out, h_hats = torch.stack(p.outs), torch.stack(p.h_hats)  # (T, B, H)
+        ctx.save_for_backward(h0, w_hh, w_q, w_k, v, p.cs, p.tcs, h_hats, out)
+        ctx.acts = p.acts
         if cfg.record:
-            cfg.reads = reads
-        return out, summary, cs[T].clone(), xp.new_zeros(())  # c(T) (B, H), the token
+            cfg.reads = p.reads
+        return out, p.summary, p.c.clone(), xp.new_zeros(())  # c(T) (B, H), the token
 
     @staticmethod
     def backward(ctx, d_out, d_summary, d_c, _d_token):
@@ -289,11 +301,11 @@ class _FusedLayer(Function):
 
 
 def _attend(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor,
-            s: Tensor, log=None) -> _Read:
+            s: Tensor) -> _Read:
     """The forward of one step's attention, as ``sab.cell.attend`` computes it: the summary into
-    ``s`` (B, H); the ranking into the sparse engine's ``log``; returns what the backward
+    ``s`` (B, H); the ranking into the sparse engine's ``cfg.log``; returns what the backward
     needs."""
-    bank, scorer, k_top = cfg.bank, cfg.scorer, cfg.k_top
+    bank, scorer, k_top, log = cfg.bank, cfg.scorer, cfg.k_top, cfg.log
     B = h_hat.shape[0]
     start, stop = bank.window()
     query = F.linear(h_hat, w_q, b_q)  # (B, d), as the scorer's nn.Linear

@@ -332,17 +332,15 @@ class SABLSTM(RecurrentLayerBase):
         w_ih, w_hh, b_ih, b_hh = self.cell_weights(layer)
         bias = b_ih + b_hh
         scorer = self.scorers[layer] if self.attends else None
-        if self._fused_applies(scorer, x, log, replay, keep_outputs):
-            out, c, rec = fused_layer(F.linear(x, w_ih, bias), h, c, w_hh, scorer, bank, step0,
-                                      self.k_trunc, self.k_top, self.k_att, self.att_eps,
-                                      self.delta_grad, self.block_score_grad, self.dense,
-                                      record, replay)
+        # sab.fused's settings: the layer's, this chunk's
+        fused = (scorer, bank, step0, self.k_trunc, self.k_top, self.k_att, self.att_eps,
+                 self.delta_grad, self.block_score_grad, self.dense, record)
+        if self._fused_applies(scorer, x, log, keep_outputs):
+            out, c, rec = fused_layer(F.linear(x, w_ih, bias), h, c, w_hh, *fused, replay)
             return out, out[-1], c, rec  # (T, B, H) from the projected input (T, B, 4H)
         if self._fused_forward_applies(scorer, x, replay):  # no autograd: the same steps
-            return fused_forward(_projected(x, w_ih, bias), x.shape[0], h, c, w_hh, scorer, bank,
-                                 step0, self.k_trunc, self.k_top, self.k_att, self.att_eps,
-                                 self.delta_grad, self.block_score_grad, self.dense, record,
-                                 log, keep_outputs)
+            return fused_forward(_projected(x, w_ih, bias), x.shape[0], h, c, w_hh, *fused, log,
+                                 keep_outputs)
         w_hh_t = w_hh.t()  # (H, 4H)
         outs: List[Tensor] = []
         rec = _Recorder(self.k_top) if record else None
@@ -375,7 +373,7 @@ class SABLSTM(RecurrentLayerBase):
         out = torch.stack(outs) if keep_outputs else None  # (T, B, H)
         return out, h, c, (rec.finish(step0) if exists(rec) else None)
 
-    def _fused_applies(self, scorer, x: Tensor, log, replay, keep_outputs: bool) -> bool:
+    def _fused_applies(self, scorer, x: Tensor, log, keep_outputs: bool) -> bool:
         """Whether ``sab.fused`` computes this layer's chunk: autograd on, the MLP scorer (sparse
         or dense attention) — the reference engine's chunks and the sparse engine's
         recomputations of a block (which replay the logged rankings); not the sparse engine's

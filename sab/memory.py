@@ -137,7 +137,8 @@ class _Gather(Function):
 
 def _flat_rows(slots: Tensor, cap: int) -> Tensor:
     """Rows of a (B·cap, D) view of a bank buffer for ``slots`` (B, m) → (B·m,)."""
-    return (slots + torch.arange(slots.shape[0], device=slots.device).unsqueeze(1) * cap).reshape(-1)
+    offsets = torch.arange(slots.shape[0], device=slots.device).unsqueeze(1) * cap  # (B, 1)
+    return (slots + offsets).reshape(-1)
 
 
 def _gather_rows(buf: Tensor, slots: Tensor, flat: Optional[Tensor] = None) -> Tensor:
