@@ -16,8 +16,9 @@ dense attention (the self-attention baseline), the scores' credit going into ĥ 
 ``k_trunc``, ``k_top``, ``k_att``, ``att_eps``, ``max_memories``, a carried state and a carried
 memory with or without graph, and attention records.  ``SABLSTM`` takes it whenever autograd is
 on: the reference engine's chunks and the sparse engine's recomputations of a block (which
-replay the rankings its forward logged); the sparse engine's graph-free forward, which logs,
-keeps the generic loop — see ``SABLSTM._fused_applies``.
+replay the rankings its forward logged).  Without autograd — evaluation and the sparse engine's
+graph-free forward, which logs — :func:`fused_forward` runs the same steps keeping no per-step
+activations (``SABLSTM._fused_applies``, ``SABLSTM._fused_forward_applies``).
 
 Credit routing follows the memory bank (``sab.memory``): a memory written in this chunk collects
 the credit of its reads in a chunk-local buffer and receives it at its write step (multi-hop
