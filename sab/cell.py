@@ -144,6 +144,20 @@ class Attention(NamedTuple):
     selection: Optional[Selection]  # None when every memory was read (n <= k_top, dense)
 
 
+def rank_memories(scorer, query: Tensor, bank: MemoryBank, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` best memories of ``bank`` for ``query`` (B, d_k), without graph: their scores
+    (B, k) and slots (B, k).  On the CPU a scorer with ``rank_keys`` (the MLP's) ranks from
+    what the bank caches beside the keys (``MemoryBank.ranking_keys``)."""
+    start, stop = bank.window()
+    keys = bank.keys[:, start:stop]  # (B, n, d_k)
+    cache_fn = getattr(scorer, "rank_keys", None)
+    if cache_fn is None or query.device.type != "cpu":
+        top, index = scorer.rank(query, keys, k)
+    else:
+        top, index = scorer.rank(query, keys, k, bank.ranking_keys(cache_fn)[:, start:stop])
+    return top, index.add_(start)
+
+
 def attend(scorer, h_hat: Tensor, bank: MemoryBank, k_top: int, dense: bool = False,
            selection: Optional[Selection] = None, eps: float = 0.0,
            block_score_grad: bool = False, delta_grad: bool = False) -> Attention:
@@ -172,8 +186,7 @@ def attend(scorer, h_hat: Tensor, bank: MemoryBank, k_top: int, dense: bool = Fa
     else:
         if selection is None:
             with torch.no_grad():
-                top, slots = scorer.rank(query, bank.keys[:, start:stop], k_top + 1)  # (B, k+1)
-            selection = Selection(top, slots + start)
+                selection = Selection(*rank_memories(scorer, query, bank, k_top + 1))
         top, slots = selection[0], selection[1][:, :k_top]  # (B, k+1), (B, k)
         values, keys = bank.gather(slots)  # (B, k, H), (B, k, d_k)
         key_delta = None

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from .cell import Selection, cell_update, gate_activations_, pointwise_backward
+from .cell import Selection, cell_update, gate_activations_, pointwise_backward, rank_memories
 from .memory import MemoryBank, _Graph
 from .scorer import MLPScorer, mlp_scores_grad
 from .sparsifier import threshold_delta_grad, threshold_weights, threshold_weights_grad
@@ -321,8 +321,7 @@ def _attend(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor,
             log.add_selection(None)  # every memory read: nothing to replay
     else:
         if logged is None:
-            top, ranked = scorer.rank(query, bank.keys[:, start:stop], k_top + 1)  # (B, k+1)
-            ranked += start
+            top, ranked = rank_memories(scorer, query, bank, k_top + 1)  # (B, k+1) each
         else:  # the ranking of the engine's forward: scores (B, k+1), slots (B, k+1)
             top, ranked = logged[0], logged[1]
         if log is not None:

@@ -25,8 +25,8 @@ Memory *ids* count writes from the start of the stream and never repeat; slots a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
@@ -178,6 +178,10 @@ class MemoryBank:
     graph: Optional[_Graph] = None
     token: Optional[Tensor] = None
     linear: bool = False
+    # what the scorer's ranking caches beside each key (``ranking_keys``), (B, cap, d_k), and
+    # the slots written since it was last brought up to date; a copy of the bank starts without
+    rank_cache: Optional[Tensor] = None
+    stale: List[int] = field(default_factory=list)
 
     @classmethod
     def empty(cls, batch: int, hidden: int, key_dim: int, *, max_memories=None, device=None,
@@ -216,17 +220,18 @@ class MemoryBank:
     def fork(self) -> "MemoryBank":
         """A copy whose writes do not change ``self`` (same graph: credit still flows back)."""
         return replace(self, values=self.values.clone(), keys=self.keys.clone(),
-                       slot_ids=self.slot_ids.clone(), slot_steps=self.slot_steps.clone())
+                       slot_ids=self.slot_ids.clone(), slot_steps=self.slot_steps.clone(),
+                       rank_cache=None, stale=[])
 
     def detach(self) -> "MemoryBank":
         """The same memories, cut from the graph (like ``repackage_hidden``, SPEC §3)."""
-        return replace(self, graph=None, token=None)
+        return replace(self, graph=None, token=None, rank_cache=None, stale=[])
 
     def to(self, *args, **kwargs) -> "MemoryBank":
         values = self.values.to(*args, **kwargs)
         return replace(self, values=values, keys=self.keys.to(*args, **kwargs),
                        slot_ids=self.slot_ids.to(values.device),
-                       slot_steps=self.slot_steps.to(values.device))
+                       slot_steps=self.slot_steps.to(values.device), rank_cache=None, stale=[])
 
     @property
     def requires_grad(self) -> bool:
@@ -277,6 +282,7 @@ class MemoryBank:
 
         self.values, self.keys = grown(self.values, 1, 0), grown(self.keys, 1, 0)
         self.slot_ids, self.slot_steps = grown(self.slot_ids, 0, -1), grown(self.slot_steps, 0, -1)
+        self.rank_cache = None  # rebuilt at the next ranking (slots moved)
         if not self.linear:
             self.head = 0
 
@@ -310,6 +316,8 @@ class MemoryBank:
         self.next_id += 1
         self.slot_ids[slot] = mem_id
         self.slot_steps[slot] = step
+        if self.rank_cache is not None:
+            self.stale.append(slot)
         if torch.is_grad_enabled() and (h.requires_grad or key.requires_grad):
             if self.graph is None:
                 self.graph = _Graph(first_id=mem_id)
@@ -321,6 +329,23 @@ class MemoryBank:
         return mem_id
 
     # -- reading ------------------------------------------------------------------------------
+    def ranking_keys(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """``fn`` of every key, (B, cap, d_k) in slot order, cached: computed for the whole
+        buffer the first time (and after the buffers grew), then only for the slots written
+        since (one memory per ``k_att`` steps).  ``fn`` is the scorer's ``rank_keys``; one
+        function per bank (the cache does not know which ``fn`` filled it)."""
+        if self.rank_cache is None or self.rank_cache.shape != self.keys.shape:
+            self.rank_cache = fn(self.keys)
+        elif self.stale:
+            slots = sorted(set(self.stale))
+            if len(slots) == 1:
+                self.rank_cache[:, slots[0]] = fn(self.keys[:, slots[0]])
+            else:
+                idx = torch.tensor(slots, device=self.keys.device)
+                self.rank_cache[:, idx] = fn(self.keys[:, idx])
+        self.stale.clear()
+        return self.rank_cache
+
     def gather(self, slots: Tensor) -> tuple[Tensor, Tensor]:
         """Memories and keys at ``slots`` (B, m) → (B, m, H), (B, m, d_k), credit-routed."""
         if torch.is_grad_enabled() and self.requires_grad:

@@ -1,0 +1,119 @@
+"""The MLP scorer's ranking against its definition ``a_i = v·tanh(q + k_i)`` (SPEC §2.3): the
+sigmoid form, the rational form from the bank's cache ``e^{−2k}`` and its fallback, and the
+bank keeping that cache up to date through writes, eviction, growth and copies."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import sab.scorer
+from sab.memory import MemoryBank
+from sab.scorer import RATIONAL_LIMIT, MLPScorer
+
+
+def definition(scorer: MLPScorer, query, keys):
+    return torch.tanh(query.unsqueeze(1) + keys) @ scorer.v  # (B, n)
+
+
+def make(d: int, seed: int) -> MLPScorer:
+    torch.manual_seed(seed)
+    return MLPScorer(3, d).double().requires_grad_(False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(B=st.integers(1, 5), n=st.integers(1, 40), d=st.integers(1, 9), seed=st.integers(0, 999),
+       scale=st.sampled_from([0.1, 1.0, 5.0, 30.0, 60.0]), tile=st.sampled_from([1, 7, 2 ** 18]))
+def test_ranking_equals_the_definition(B, n, d, seed, scale, tile):
+    """Sigmoid form and rational form (from the cache) select the definition's best k and return
+    its scores; queries and keys beyond ±RATIONAL_LIMIT (scale 60) take the sigmoid form."""
+    scorer = make(d, seed)
+    g = torch.Generator().manual_seed(seed)
+    query = scale * torch.randn(B, d, dtype=torch.float64, generator=g)
+    keys = scale * torch.randn(B, n, d, dtype=torch.float64, generator=g)
+    ref = definition(scorer, query, keys)
+    k = min(n, 1 + seed % 6)
+    want_top, want_index = ref.topk(k, dim=-1)
+    old = sab.scorer.RANK_TILE
+    sab.scorer.RANK_TILE = tile  # rows per tile of the eager ranking
+    try:
+        for cache in (None, scorer.rank_keys(keys)):
+            top, index = scorer.rank(query, keys, k, cache)
+            # ties (saturated tanh at large scale) may be broken either way: compare the scores
+            # of the chosen memories, and the indices where the scores are distinct
+            torch.testing.assert_close(top, want_top, rtol=0, atol=1e-12)
+            torch.testing.assert_close(ref.gather(1, index), want_top, rtol=0, atol=1e-12)
+            distinct = (want_top[:, 1:] - want_top[:, :-1]).abs().min() > 1e-9 if k > 1 else True
+            if scale <= 5.0 and distinct:
+                assert torch.equal(index, want_index)
+    finally:
+        sab.scorer.RANK_TILE = old
+
+
+def test_rank_keys_marks_keys_out_of_range():
+    scorer = make(4, 0)
+    keys = torch.tensor([[[0.0, 1.0, -RATIONAL_LIMIT, RATIONAL_LIMIT + 1]]], dtype=torch.float64)
+    cache = scorer.rank_keys(keys)
+    torch.testing.assert_close(cache[..., :3], torch.exp(-2 * keys[..., :3]))
+    assert cache[..., 3].isnan().all()
+
+
+def test_rational_form_is_used_in_range_and_falls_back_outside(monkeypatch):
+    """In range the rational form scores (the sigmoid form is not called); a query or a key out
+    of range sends the ranking to the sigmoid form."""
+    scorer = make(5, 1)
+    calls = []
+    sigmoid = scorer._sigmoid
+    monkeypatch.setattr(scorer, "_sigmoid", lambda q, k: calls.append(1) or sigmoid(q, k))
+    query, keys = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 8, 5, dtype=torch.float64)
+    scorer.rank(query, keys, 3, scorer.rank_keys(keys))
+    assert calls == []
+    for q, kk in ((query * 100, keys), (query, keys * 100)):
+        top, index = scorer.rank(q, kk, 3, scorer.rank_keys(kk))
+        torch.testing.assert_close(top, definition(scorer, q, kk).topk(3, -1)[0], rtol=0,
+                                   atol=1e-12)
+    assert calls == [1, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float32_ranking_matches_float64(dtype):
+    """The rational form in float32 scores within float32 rounding of the definition."""
+    scorer = make(128, 2)
+    query = torch.randn(64, 128, dtype=torch.float64)
+    keys = torch.randn(64, 200, 128, dtype=torch.float64)
+    ref = definition(scorer, query, keys)
+    s = scorer.to(dtype)
+    top, index = s.rank(query.to(dtype), keys.to(dtype), 6, s.rank_keys(keys.to(dtype)))
+    tol = 1e-4 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(top.double(), ref.gather(1, index), rtol=0, atol=tol)
+    torch.testing.assert_close(top.double(), ref.topk(6, -1)[0], rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("max_memories,linear", [(None, False), (5, False), (5, True)])
+def test_bank_keeps_the_ranking_cache_up_to_date(max_memories, linear):
+    """After every write — appends, evictions of the oldest (ring or sliding window), growth of
+    the buffers — the cache over the valid window equals ``rank_keys`` of the keys; a fork's
+    writes leave the original's cache alone."""
+    B, H, d = 3, 4, 6
+    scorer = make(d, 3)
+    bank = MemoryBank.empty(B, H, d, max_memories=max_memories, dtype=torch.float64,
+                            capacity=2, linear=linear)
+    g = torch.Generator().manual_seed(0)
+    for i in range(23):
+        m = torch.randn(B, H, dtype=torch.float64, generator=g)
+        bank.write(m, 3 * torch.randn(B, d, dtype=torch.float64, generator=g), i)
+        if i % 3 == 2:
+            continue  # several writes between rankings too
+        start, stop = bank.window()
+        cache = bank.ranking_keys(scorer.rank_keys)[:, start:stop]
+        assert torch.equal(cache, scorer.rank_keys(bank.keys[:, start:stop])), i
+    start, stop = bank.window()
+    before = bank.ranking_keys(scorer.rank_keys)[:, start:stop].clone()
+    fork = bank.fork()
+    for i in range(4):
+        fork.write(torch.randn(B, H, dtype=torch.float64), torch.randn(B, d, dtype=torch.float64),
+                   100 + i)
+        fs, fe = fork.window()
+        assert torch.equal(fork.ranking_keys(scorer.rank_keys)[:, fs:fe],
+                           scorer.rank_keys(fork.keys[:, fs:fe]))
+    assert torch.equal(bank.ranking_keys(scorer.rank_keys)[:, start:stop], before)
+    for copy in (bank.detach(), bank.to(torch.float64)):
+        assert copy.rank_cache is None and copy.stale == []
