@@ -41,7 +41,7 @@ from torch.autograd import Function
 from .cell import Selection, cell_update, gate_activations_, pointwise_backward, rank_memories
 from .memory import MemoryBank, _Graph
 from .scorer import MLPScorer, mlp_scores_grad
-from .sparsifier import threshold_delta_grad, threshold_weights, threshold_weights_grad
+from .sparsifier import threshold_delta_grad, threshold_forward, threshold_grad
 from .state import AttentionRecord
 
 __all__ = ["fused_layer", "fused_forward"]
@@ -67,13 +67,14 @@ class _Config:
 
 class _Read:
     """What one attending step read, for its backward (and the attention record)."""
-    __slots__ = ("t", "dense", "query", "top", "ids", "weights", "values", "keys", "m_delta",
-                 "delta_ids", "mem_steps")
+    __slots__ = ("t", "dense", "query", "ids", "weights", "shifted", "denom", "values", "keys",
+                 "m_delta", "delta_ids", "mem_steps")
 
-    def __init__(self, t, dense, query, top, ids, weights, values, keys, m_delta, delta_ids,
-                 mem_steps):
-        self.t, self.dense, self.query, self.top, self.ids = t, dense, query, top, ids
-        self.weights, self.values, self.keys, self.m_delta = weights, values, keys, m_delta
+    def __init__(self, t, dense, query, ids, weights, shifted, denom, values, keys, m_delta,
+                 delta_ids, mem_steps):
+        self.t, self.dense, self.query, self.ids = t, dense, query, ids
+        self.weights, self.shifted, self.denom = weights, shifted, denom  # (shifted, denom: sparse)
+        self.values, self.keys, self.m_delta = values, keys, m_delta
         self.delta_ids, self.mem_steps = delta_ids, mem_steps
 
 
@@ -254,6 +255,15 @@ class _FusedLayer(Function):
         rows = torch.arange(B, device=d_out.device).unsqueeze(1) * n_local  # (B, 1)
         later = ctx.later  # later chunks' reads of these memories
         reads = {r.t: r for r in ctx.reads}
+        # with δ's gradient, the keys of δ's memories recomputed from their stored values, one
+        # product for the chunk: (reads, B, d)
+        deltas = [r for r in ctx.reads if r.m_delta is not None]
+        key_delta = {}
+        if deltas:
+            m_delta = torch.stack([r.m_delta.squeeze(1) for r in deltas])  # (reads, B, H)
+            # (2-D: a batched ``(..., H) @ w_kᵀ`` takes a 3× slower path)
+            k_delta = F.linear(m_delta.view(-1, H), w_k).view(len(deltas), B, d)
+            key_delta = dict(zip((r.t for r in deltas), k_delta.unbind(0)))
         dh_next = torch.zeros_like(d_out[0])
         dc = d_c
         for t in range(T - 1, -1, -1):
@@ -275,8 +285,8 @@ class _FusedLayer(Function):
             r = reads.get(t)
             dh_hat = dh  # h(t) = ĥ(t) + s(t)
             if r is not None:  # ∂L/∂s(t): through h(t) and directly (the head reads s(t))
-                g_v += _read_backward(ctx, r, dh + d_summary[t], w_k, v, g_query[t], key_rows,
-                                      local_v, local_k, rows)
+                g_v += _read_backward(ctx, r, dh + d_summary[t], key_delta.get(t), v,
+                                      g_query[t], key_rows, local_v, local_k, rows)
                 if not blocked:  # the query W_q ĥ(t) + b
                     dh_hat = torch.addmm(dh, g_query[t], w_q)
             dgates, dc_prev = pointwise_backward(dh_hat, dc, acts[t], cs[t], tcs[t], dxp[t])
@@ -310,7 +320,7 @@ def _attend(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor,
     B = h_hat.shape[0]
     start, stop = bank.window()
     query = F.linear(h_hat, w_q, b_q)  # (B, d), as the scorer's nn.Linear
-    top = m_delta = delta_ids = None
+    top = m_delta = delta_ids = shifted = denom = None
     logged = None if cfg.replay is None else next(cfg.replay)  # consumed by every read
     if cfg.dense or stop - start <= k_top:  # every memory, softmax (SPEC §2.4)
         slots = torch.arange(start, stop, device=h_hat.device).expand(B, -1)  # (B, n)
@@ -334,18 +344,20 @@ def _attend(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor,
             m_delta, delta_ids = values[:, k_top:], ids[:, k_top:]  # (B, 1, H), (B, 1)
             values, keys, ids = values[:, :k_top], keys[:, :k_top], ids[:, :k_top]
             slots = ranked[:, :k_top]
-        weights = threshold_weights(top[:, :k_top], top[:, k_top], cfg.eps)  # (B, k)
+        # the weights (B, k), and ã = relu(top − δ) and Σã + ε for their backward
+        weights, shifted, denom = threshold_forward(top[:, :k_top], top[:, k_top], cfg.eps)
     s.copy_(torch.bmm(weights.unsqueeze(1), values).squeeze(1))  # s(t) = Σ w_i m_i (B, H)
-    return _Read(t, top is None, query, top, ids, weights, values, keys, m_delta, delta_ids,
-                 bank.slot_steps[slots] if cfg.record else None)
+    return _Read(t, top is None, query, ids, weights, shifted, denom, values, keys, m_delta,
+                 delta_ids, bank.slot_steps[slots] if cfg.record else None)
 
 
-def _read_backward(ctx, r: _Read, ds: Tensor, w_k: Tensor, v: Tensor, g_query: Tensor,
-                   key_rows: list, local_v: Optional[Tensor], local_k: Optional[Tensor],
-                   rows: Tensor) -> Tensor:
+def _read_backward(ctx, r: _Read, ds: Tensor, key_delta: Optional[Tensor], v: Tensor,
+                   g_query: Tensor, key_rows: list, local_v: Optional[Tensor],
+                   local_k: Optional[Tensor], rows: Tensor) -> Tensor:
     """Backward of one step's attention ``s = Σ w_i m_i`` given ``∂L/∂s`` (B, H): credit to the
     read memories (``w_i ∂L/∂s`` and their keys' gradient), the query's gradient into
-    ``g_query`` (B, d); returns ``∂L/∂v`` of this step."""
+    ``g_query`` (B, d); returns ``∂L/∂v`` of this step.  ``key_delta`` (B, d): with δ's
+    gradient, δ's memory's key recomputed from its stored value."""
     cfg = ctx.cfg
     # ∂L/∂w_i = m_i·ds; a product and a sum, not bmm: 64 one-row products cost 4× more here
     dw = (r.values * ds.unsqueeze(1)).sum(-1)  # (B, m)
@@ -354,12 +366,10 @@ def _read_backward(ctx, r: _Read, ds: Tensor, w_k: Tensor, v: Tensor, g_query: T
     if r.dense:  # softmax
         g_scores = r.weights * (dw - (dw * r.weights).sum(-1, keepdim=True))
     else:
-        k = cfg.k_top
-        g_scores = threshold_weights_grad(dw, r.top[:, :k], r.top[:, k], r.weights, cfg.eps)
+        g_scores = threshold_grad(dw, r.weights, r.shifted, r.denom)  # (B, k)
         if r.m_delta is not None:  # δ's memory's score: its key from the stored value
             g_scores = torch.cat([g_scores, threshold_delta_grad(g_scores)], 1)  # (B, k+1)
-            # (a 2-D F.linear: ``(B, 1, H) @ w_kᵀ`` takes a 3× slower batched path)
-            keys = torch.cat([keys, F.linear(r.m_delta.squeeze(1), w_k).unsqueeze(1)], 1)
+            keys = torch.cat([keys, key_delta.unsqueeze(1)], 1)  # (B, k+1, d)
     g_q, g_keys, g_v = mlp_scores_grad(r.query, keys, v, g_scores)
     g_query.copy_(g_q)
     m = r.ids.shape[1]
@@ -378,15 +388,21 @@ def _old(ctx, ids: Tensor) -> Optional[Tensor]:
     return old.unsqueeze(-1) if bool(old.any()) else None
 
 
-def _local_add(buf: Tensor, ids: Tensor, grad: Tensor, first: int, rows: Tensor,
-               old: Optional[Tensor]) -> None:
-    """Add ``grad`` (B, m, D) into the rows of this chunk's memories ``ids`` (B, m) of ``buf``
-    (B, n_local, D); entries of carried memories (``old``) are left out."""
+def _local_rows(ids: Tensor, first: int, rows: Tensor, old: Optional[Tensor]) -> Tensor:
+    """Rows of a (B·n_local, D) view of a chunk-local buffer for this chunk's memories ``ids``
+    (B, m) → (B·m,); carried memories (``old``) point at row 0 (their gradient is masked)."""
     rel = ids - first
     if old is not None:
-        rel, grad = rel.clamp_min(0), grad.masked_fill(old, 0)
-    buf.view(-1, buf.shape[-1]).index_add_(0, (rel + rows).reshape(-1),
-                                           grad.reshape(-1, grad.shape[-1]))
+        rel = rel.clamp_min(0)
+    return (rel + rows).reshape(-1)
+
+
+def _local_add(buf: Tensor, flat: Tensor, grad: Tensor, old: Optional[Tensor]) -> None:
+    """Add ``grad`` (B, m, D) into the rows ``flat`` (``_local_rows``) of ``buf``
+    (B, n_local, D); entries of carried memories (``old``) are left out."""
+    if old is not None:
+        grad = grad.masked_fill(old, 0)
+    buf.view(-1, buf.shape[-1]).index_add_(0, flat, grad.reshape(-1, grad.shape[-1]))
 
 
 def _credit(ctx, ids: Tensor, g_values: Tensor, g_keys: Tensor, local_v: Optional[Tensor],
@@ -401,8 +417,9 @@ def _credit(ctx, ids: Tensor, g_values: Tensor, g_keys: Tensor, local_v: Optiona
         return
     old = _old(ctx, ids)
     if ctx.n_local:
-        _local_add(local_v, ids, g_values, ctx.first, rows, old)
-        _local_add(local_k, ids, g_keys, ctx.first, rows, old)
+        flat = _local_rows(ids, ctx.first, rows, old)
+        _local_add(local_v, flat, g_values, old)
+        _local_add(local_k, flat, g_keys, old)
 
 
 def _delta_credit(ctx, r: _Read, g_key: Tensor, key_rows: list, local_k: Optional[Tensor],
@@ -415,6 +432,6 @@ def _delta_credit(ctx, r: _Read, g_key: Tensor, key_rows: list, local_k: Optiona
         key_rows.append((g_key, r.m_delta))
         return
     old = _old(ctx, r.delta_ids)
-    _local_add(local_k, r.delta_ids, g_key, ctx.first, rows, old)
+    _local_add(local_k, _local_rows(r.delta_ids, ctx.first, rows, old), g_key, old)
     if old is not None:
         key_rows.append((g_key * old, r.m_delta))

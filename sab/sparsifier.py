@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["sparsify", "topk_select", "threshold_weights", "threshold_weights_grad",
-           "threshold_delta_grad"]
+__all__ = ["sparsify", "topk_select", "threshold_weights", "threshold_forward",
+           "threshold_weights_grad", "threshold_grad", "threshold_delta_grad"]
 
 
 def threshold_weights(top: Tensor, delta: Tensor, eps: float = 0.0,
@@ -38,8 +38,16 @@ def threshold_weights(top: Tensor, delta: Tensor, eps: float = 0.0,
     is constant); the caller must make sure it reaches no memory (``SABLSTM(delta_grad=True)``).
     """
     delta = delta if delta_grad else delta.detach()
+    return threshold_forward(top, delta, eps)[0]
+
+
+def threshold_forward(top: Tensor, delta: Tensor, eps: float = 0.0
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`threshold_weights` (δ as given) with what :func:`threshold_grad` needs: the
+    weights (..., k), ``ã = relu(top − δ)`` (..., k) and the denominator (..., 1)."""
     shifted = torch.relu(top - delta.unsqueeze(-1))  # (..., k), zero gradient at 0
-    return shifted / _denominator(shifted, eps)  # (..., k), sums to 1 (eps=0) or is all zero
+    denom = _denominator(shifted, eps)
+    return shifted / denom, shifted, denom  # the weights sum to 1 (eps=0) or are all zero
 
 
 def _denominator(shifted: Tensor, eps: float) -> Tensor:
@@ -59,10 +67,14 @@ def threshold_weights_grad(grad: Tensor, top: Tensor, delta: Tensor, weights: Te
     ``w_i = ã_i / D`` with ``D = Σã + ε`` (or ``Σã``, 1 when that is 0) gives
     ``∂L/∂ã_j = (g_j − Σ_i g_i w_i) / D``, and ``relu`` passes it where ``top − δ > 0`` only.
     """
-    shifted = top - delta.unsqueeze(-1)  # (..., k)
-    denom = _denominator(torch.relu(shifted), eps)  # (..., 1)
+    shifted = torch.relu(top - delta.unsqueeze(-1))  # (..., k)
+    return threshold_grad(grad, weights, shifted, _denominator(shifted, eps))
+
+
+def threshold_grad(grad: Tensor, weights: Tensor, shifted: Tensor, denom: Tensor) -> Tensor:
+    """:func:`threshold_weights_grad` from what :func:`threshold_forward` returned."""
     g = (grad - (grad * weights).sum(-1, keepdim=True)) / denom
-    return torch.where(shifted > 0, g, torch.zeros_like(g))
+    return torch.where(shifted > 0, g, 0.0)  # relu passes nothing where ã = 0
 
 
 def threshold_delta_grad(grad_top: Tensor) -> Tensor:
