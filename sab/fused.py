@@ -108,11 +108,14 @@ def _record(reads: List[_Read], summary: Tensor, step0: int, k_top: int) -> Atte
     weights = summary.new_zeros(T, B, width)
     ids = torch.full((T, B, width), -1, dtype=torch.long, device=summary.device)
     steps = ids.clone()
+    by_width: Dict[int, List[_Read]] = {}  # reads of the same width go in with one copy each
     for r in reads:
-        m = r.ids.shape[1]
-        weights[r.t, :, :m] = r.weights
-        ids[r.t, :, :m] = r.ids
-        steps[r.t, :, :m] = r.mem_steps
+        by_width.setdefault(r.ids.shape[1], []).append(r)
+    for m, group in by_width.items():
+        ts = torch.tensor([r.t for r in group], device=summary.device)
+        for buf, rows in ((weights, [r.weights for r in group]), (ids, [r.ids for r in group]),
+                          (steps, [r.mem_steps for r in group])):
+            buf[:, :, :m].index_copy_(0, ts, torch.stack(rows))  # (reads, B, m) at their steps
     return AttentionRecord(summary, weights, ids, steps,
                            torch.arange(step0, step0 + T, device=summary.device))
 
@@ -250,8 +253,9 @@ class _FusedLayer(Function):
         # (carried in with a graph, that graph holds this chunk's memories too: all credit goes
         # there, as in the sparse engine's recomputation of a block)
         own = n_local and not ctx.carried
-        local_v = d_out.new_zeros(B, n_local, H) if own else None
-        local_k = d_out.new_zeros(B, n_local, d) if own else None
+        # one buffer, a row [value | key] per memory: a read's credit goes in with one index_add
+        local = d_out.new_zeros(B, n_local, H + d) if own else None
+        local_flat = None if local is None else local.view(B * n_local, H + d)  # (B·n, H+d)
         rows = torch.arange(B, device=d_out.device).unsqueeze(1) * n_local  # (B, 1)
         later = ctx.later  # later chunks' reads of these memories
         reads = {r.t: r for r in ctx.reads}
@@ -260,9 +264,9 @@ class _FusedLayer(Function):
         deltas = [r for r in ctx.reads if r.m_delta is not None]
         key_delta = {}
         if deltas:
-            m_delta = torch.stack([r.m_delta.squeeze(1) for r in deltas])  # (reads, B, H)
             # (2-D: a batched ``(..., H) @ w_kᵀ`` takes a 3× slower path)
-            k_delta = F.linear(m_delta.view(-1, H), w_k).view(len(deltas), B, d)
+            k_delta = F.linear(torch.stack([r.m_delta.squeeze(1) for r in deltas]).view(-1, H),
+                               w_k).view(len(deltas), B, d)  # the stack (reads, B, H) is freed
             key_delta = dict(zip((r.t for r in deltas), k_delta.unbind(0)))
         dh_next = torch.zeros_like(d_out[0])
         dc = d_c
@@ -271,9 +275,9 @@ class _FusedLayer(Function):
             mem_id = ctx.writes.get(t)
             if mem_id is not None:  # the credit its readers sent to memory h(t)
                 gk = None
-                if local_v is not None:
-                    gk = local_k[:, mem_id - first]  # (B, d)
-                    dh += local_v[:, mem_id - first]
+                if local is not None:
+                    gk = local[:, mem_id - first, H:]  # (B, d)
+                    dh += local[:, mem_id - first, :H]
                 gv2, gk2 = later.take(mem_id)
                 if gv2 is not None:
                     dh += gv2
@@ -286,7 +290,7 @@ class _FusedLayer(Function):
             dh_hat = dh  # h(t) = ĥ(t) + s(t)
             if r is not None:  # ∂L/∂s(t): through h(t) and directly (the head reads s(t))
                 g_v += _read_backward(ctx, r, dh + d_summary[t], key_delta.get(t), v,
-                                      g_query[t], key_rows, local_v, local_k, rows)
+                                      g_query[t], key_rows, local_flat, rows)
                 if not blocked:  # the query W_q ĥ(t) + b
                     dh_hat = torch.addmm(dh, g_query[t], w_q)
             dgates, dc_prev = pointwise_backward(dh_hat, dc, acts[t], cs[t], tcs[t], dxp[t])
@@ -352,8 +356,8 @@ def _attend(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor,
 
 
 def _read_backward(ctx, r: _Read, ds: Tensor, key_delta: Optional[Tensor], v: Tensor,
-                   g_query: Tensor, key_rows: list, local_v: Optional[Tensor],
-                   local_k: Optional[Tensor], rows: Tensor) -> Tensor:
+                   g_query: Tensor, key_rows: list, local: Optional[Tensor],
+                   rows: Tensor) -> Tensor:
     """Backward of one step's attention ``s = Σ w_i m_i`` given ``∂L/∂s`` (B, H): credit to the
     read memories (``w_i ∂L/∂s`` and their keys' gradient), the query's gradient into
     ``g_query`` (B, d); returns ``∂L/∂v`` of this step.  ``key_delta`` (B, d): with δ's
@@ -373,9 +377,9 @@ def _read_backward(ctx, r: _Read, ds: Tensor, key_delta: Optional[Tensor], v: Te
     g_q, g_keys, g_v = mlp_scores_grad(r.query, keys, v, g_scores)
     g_query.copy_(g_q)
     m = r.ids.shape[1]
-    _credit(ctx, r.ids, g_values, g_keys[:, :m], local_v, local_k, rows)
+    _credit(ctx, r.ids, g_values, g_keys[:, :m], local, rows)
     if r.m_delta is not None:  # δ's key reaches W_k only, never the memory
-        _delta_credit(ctx, r, g_keys[:, m:], key_rows, local_k, rows)
+        _delta_credit(ctx, r, g_keys[:, m:], key_rows, local, rows)
     return g_v
 
 
@@ -399,17 +403,18 @@ def _local_rows(ids: Tensor, first: int, rows: Tensor, old: Optional[Tensor]) ->
 
 def _local_add(buf: Tensor, flat: Tensor, grad: Tensor, old: Optional[Tensor]) -> None:
     """Add ``grad`` (B, m, D) into the rows ``flat`` (``_local_rows``) of ``buf``
-    (B, n_local, D); entries of carried memories (``old``) are left out."""
+    (B·n_local, D), a view of the chunk-local buffer; entries of carried memories (``old``) are
+    left out."""
     if old is not None:
         grad = grad.masked_fill(old, 0)
-    buf.view(-1, buf.shape[-1]).index_add_(0, flat, grad.reshape(-1, grad.shape[-1]))
+    buf.index_add_(0, flat, grad.reshape(-1, grad.shape[-1]))
 
 
-def _credit(ctx, ids: Tensor, g_values: Tensor, g_keys: Tensor, local_v: Optional[Tensor],
-            local_k: Optional[Tensor], rows: Tensor) -> None:
+def _credit(ctx, ids: Tensor, g_values: Tensor, g_keys: Tensor, local: Optional[Tensor],
+            rows: Tensor) -> None:
     """Route the credit of a read of memories ``ids`` (B, m) through their values (B, m, H) and
-    keys (B, m, d): to this chunk's memories (it waits in ``local_v``/``local_k`` for their
-    write step) and to memories carried in with a graph (their chunk's writes take it);
+    keys (B, m, d): to this chunk's memories (it waits in ``local``, (B·n_local, H + d) rows
+    [value | key], for their write step) and to memories carried in with a graph (their chunk's writes take it);
     memories carried in without a graph get none.  With a carried graph, this chunk's memories
     have their rows in it too: one accumulation for all, taken at their write steps."""
     if ctx.carried:
@@ -417,21 +422,21 @@ def _credit(ctx, ids: Tensor, g_values: Tensor, g_keys: Tensor, local_v: Optiona
         return
     old = _old(ctx, ids)
     if ctx.n_local:
-        flat = _local_rows(ids, ctx.first, rows, old)
-        _local_add(local_v, flat, g_values, old)
-        _local_add(local_k, flat, g_keys, old)
+        _local_add(local, _local_rows(ids, ctx.first, rows, old),
+                   torch.cat([g_values, g_keys], -1), old)
 
 
-def _delta_credit(ctx, r: _Read, g_key: Tensor, key_rows: list, local_k: Optional[Tensor],
+def _delta_credit(ctx, r: _Read, g_key: Tensor, key_rows: list, local: Optional[Tensor],
                   rows: Tensor) -> None:
     """δ's memory's key gradient (B, 1, d) goes to W_k through its stored value, whichever chunk
     wrote it: this chunk's memories collect it with their keys' (one row of W_k's product per
     memory), a carried memory's goes straight into ``key_rows`` (every one's, when the chunk's
-    memories share the carried graph: ``local_k`` is not there)."""
-    if local_k is None:
+    memories share the carried graph: ``local`` is not there)."""
+    if local is None:
         key_rows.append((g_key, r.m_delta))
         return
     old = _old(ctx, r.delta_ids)
-    _local_add(local_k, _local_rows(r.delta_ids, ctx.first, rows, old), g_key, old)
+    H = r.m_delta.shape[-1]  # the key part of the rows [value | key]
+    _local_add(local[:, H:], _local_rows(r.delta_ids, ctx.first, rows, old), g_key, old)
     if old is not None:
         key_rows.append((g_key * old, r.m_delta))
