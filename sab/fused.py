@@ -259,15 +259,6 @@ class _FusedLayer(Function):
         rows = torch.arange(B, device=d_out.device).unsqueeze(1) * n_local  # (B, 1)
         later = ctx.later  # later chunks' reads of these memories
         reads = {r.t: r for r in ctx.reads}
-        # with δ's gradient, the keys of δ's memories recomputed from their stored values, one
-        # product for the chunk: (reads, B, d)
-        deltas = [r for r in ctx.reads if r.m_delta is not None]
-        key_delta = {}
-        if deltas:
-            # (2-D: a batched ``(..., H) @ w_kᵀ`` takes a 3× slower path)
-            k_delta = F.linear(torch.stack([r.m_delta.squeeze(1) for r in deltas]).view(-1, H),
-                               w_k).view(len(deltas), B, d)  # the stack (reads, B, H) is freed
-            key_delta = dict(zip((r.t for r in deltas), k_delta.unbind(0)))
         dh_next = torch.zeros_like(d_out[0])
         dc = d_c
         for t in range(T - 1, -1, -1):
@@ -289,8 +280,8 @@ class _FusedLayer(Function):
             r = reads.get(t)
             dh_hat = dh  # h(t) = ĥ(t) + s(t)
             if r is not None:  # ∂L/∂s(t): through h(t) and directly (the head reads s(t))
-                g_v += _read_backward(ctx, r, dh + d_summary[t], key_delta.get(t), v,
-                                      g_query[t], key_rows, local_flat, rows)
+                g_v += _read_backward(ctx, r, dh + d_summary[t], w_k, v, g_query[t], key_rows,
+                                      local_flat, rows)
                 if not blocked:  # the query W_q ĥ(t) + b
                     dh_hat = torch.addmm(dh, g_query[t], w_q)
             dgates, dc_prev = pointwise_backward(dh_hat, dc, acts[t], cs[t], tcs[t], dxp[t])
@@ -355,13 +346,11 @@ def _attend(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor,
                  delta_ids, bank.slot_steps[slots] if cfg.record else None)
 
 
-def _read_backward(ctx, r: _Read, ds: Tensor, key_delta: Optional[Tensor], v: Tensor,
-                   g_query: Tensor, key_rows: list, local: Optional[Tensor],
-                   rows: Tensor) -> Tensor:
+def _read_backward(ctx, r: _Read, ds: Tensor, w_k: Tensor, v: Tensor, g_query: Tensor,
+                   key_rows: list, local: Optional[Tensor], rows: Tensor) -> Tensor:
     """Backward of one step's attention ``s = Σ w_i m_i`` given ``∂L/∂s`` (B, H): credit to the
     read memories (``w_i ∂L/∂s`` and their keys' gradient), the query's gradient into
-    ``g_query`` (B, d); returns ``∂L/∂v`` of this step.  ``key_delta`` (B, d): with δ's
-    gradient, δ's memory's key recomputed from its stored value."""
+    ``g_query`` (B, d); returns ``∂L/∂v`` of this step."""
     cfg = ctx.cfg
     # ∂L/∂w_i = m_i·ds; a product and a sum, not bmm: 64 one-row products cost 4× more here
     dw = (r.values * ds.unsqueeze(1)).sum(-1)  # (B, m)
@@ -373,7 +362,8 @@ def _read_backward(ctx, r: _Read, ds: Tensor, key_delta: Optional[Tensor], v: Te
         g_scores = threshold_grad(dw, r.weights, r.shifted, r.denom)  # (B, k)
         if r.m_delta is not None:  # δ's memory's score: its key from the stored value
             g_scores = torch.cat([g_scores, threshold_delta_grad(g_scores)], 1)  # (B, k+1)
-            keys = torch.cat([keys, key_delta.unsqueeze(1)], 1)  # (B, k+1, d)
+            # (a 2-D F.linear: ``(B, 1, H) @ w_kᵀ`` takes a 3× slower batched path)
+            keys = torch.cat([keys, F.linear(r.m_delta.squeeze(1), w_k).unsqueeze(1)], 1)
     g_q, g_keys, g_v = mlp_scores_grad(r.query, keys, v, g_scores)
     g_query.copy_(g_q)
     m = r.ids.shape[1]
