@@ -330,12 +330,14 @@ class MemoryBank:
 
     # -- reading ------------------------------------------------------------------------------
     def ranking_keys(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
-        """``fn`` of every key, (B, cap, d_k) in slot order, cached: computed for the whole
-        buffer the first time (and after the buffers grew), then only for the slots written
-        since (one memory per ``k_att`` steps).  ``fn`` is the scorer's ``rank_keys``; one
-        function per bank (the cache does not know which ``fn`` filled it)."""
+        """``fn`` of the keys, (B, cap, d_k) in slot order, valid in the :meth:`window`, cached:
+        computed for the window the first time (and after the buffers grew), then only for the
+        slots written since (one memory per ``k_att`` steps).  ``fn`` is the scorer's
+        ``rank_keys``; one function per bank (the cache does not know which ``fn`` filled it)."""
         if self.rank_cache is None or self.rank_cache.shape != self.keys.shape:
-            self.rank_cache = fn(self.keys)
+            start, stop = self.window()
+            self.rank_cache = torch.empty_like(self.keys)  # slots outside the window: unset
+            self.rank_cache[:, start:stop] = fn(self.keys[:, start:stop])
         elif self.stale:
             slots = sorted(set(self.stale))
             if len(slots) == 1:
