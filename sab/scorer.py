@@ -129,15 +129,20 @@ class MLPScorer(nn.Module):
         if self.fused:
             return _compiled(_mlp_scores_rational)(a, cache, self.v)
         B, n, d = cache.shape
-        scores = cache.new_empty(B, n)
         rows = self._rows_per_tile(cache)
         one = cache.new_ones(())
+        if rows >= B:  # one tile (n·B·d_att ≤ RANK_TILE): no slicing (a dozen operations less)
+            hidden = self._scratch(cache)  # (B, n, d_att)
+            torch.addcmul(one, a.unsqueeze(1), cache, out=hidden)
+            return torch.mv(hidden.reciprocal_().view(-1, d), self.v).view(B, n)
+        scores = cache.new_empty(B, n)
         for s in range(0, B, rows):
             hidden = self._scratch(cache[s:s + rows])  # (b, n, d_att)
             torch.addcmul(one, a[s:s + rows].unsqueeze(1), cache[s:s + rows], out=hidden)
             hidden.reciprocal_()
             torch.mv(hidden.view(-1, d), self.v, out=scores[s:s + rows].view(-1))
         return scores
+
 
 def mlp_scores_grad(query: Tensor, keys: Tensor, v: Tensor, grad: Tensor):
     """The backward of ``a = v·tanh(query + keys)`` written out: from ``∂L/∂a`` (B, k) to the
