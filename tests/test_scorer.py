@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 import sab.scorer
 from sab.memory import MemoryBank
-from sab.scorer import RATIONAL_LIMIT, MLPScorer
+from sab.scorer import MLPScorer, rational_limit
 
 
 def definition(scorer: MLPScorer, query, keys):
@@ -21,10 +21,11 @@ def make(d: int, seed: int) -> MLPScorer:
 
 @settings(max_examples=60, deadline=None)
 @given(B=st.integers(1, 5), n=st.integers(1, 40), d=st.integers(1, 9), seed=st.integers(0, 999),
-       scale=st.sampled_from([0.1, 1.0, 5.0, 30.0, 60.0]), tile=st.sampled_from([1, 7, 2 ** 18]))
+       scale=st.sampled_from([0.1, 1.0, 5.0, 30.0, 600.0]), tile=st.sampled_from([1, 7, 2 ** 18]))
 def test_ranking_equals_the_definition(B, n, d, seed, scale, tile):
     """Sigmoid form and rational form (from the cache) select the definition's best k and return
-    its scores; queries and keys beyond ±RATIONAL_LIMIT (scale 60) take the sigmoid form."""
+    its scores; queries and keys beyond the rational form's limit take the sigmoid form (float64:
+    319; scale 600 puts most of them beyond)."""
     scorer = make(d, seed)
     g = torch.Generator().manual_seed(seed)
     query = scale * torch.randn(B, d, dtype=torch.float64, generator=g)
@@ -50,7 +51,8 @@ def test_ranking_equals_the_definition(B, n, d, seed, scale, tile):
 
 def test_rank_keys_marks_keys_out_of_range():
     scorer = make(4, 0)
-    keys = torch.tensor([[[0.0, 1.0, -RATIONAL_LIMIT, RATIONAL_LIMIT + 1]]], dtype=torch.float64)
+    limit = rational_limit(torch.float64)
+    keys = torch.tensor([[[0.0, 1.0, -limit, limit + 1]]], dtype=torch.float64)
     cache = scorer.rank_keys(keys)
     torch.testing.assert_close(cache[..., :3], torch.exp(-2 * keys[..., :3]))
     assert cache[..., 3].isnan().all()
@@ -66,7 +68,7 @@ def test_rational_form_is_used_in_range_and_falls_back_outside(monkeypatch):
     query, keys = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 8, 5, dtype=torch.float64)
     scorer.rank(query, keys, 3, scorer.rank_keys(keys))
     assert calls == []
-    for q, kk in ((query * 100, keys), (query, keys * 100)):
+    for q, kk in ((query * 1000, keys), (query, keys * 1000)):  # beyond float64's 319
         top, index = scorer.rank(q, kk, 3, scorer.rank_keys(kk))
         torch.testing.assert_close(top, definition(scorer, q, kk).topk(3, -1)[0], rtol=0,
                                    atol=1e-12)
@@ -117,3 +119,25 @@ def test_bank_keeps_the_ranking_cache_up_to_date(max_memories, linear):
     assert torch.equal(bank.ranking_keys(scorer.rank_keys)[:, start:stop], before)
     for copy in (bank.detach(), bank.to(torch.float64)):
         assert copy.rank_cache is None and copy.stale == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_rational_form_stays_in_range_for_the_dtype(dtype):
+    """Where a factor e^{±2q}, e^{±2k} would overflow in the dtype (float16 already at |x| ≈ 5.5)
+    the sigmoid form scores: the chosen memories' true scores are the best ones, to the dtype's
+    rounding."""
+    scorer = make(16, 4)
+    g = torch.Generator().manual_seed(1)
+    u = lambda *shape: torch.rand(*shape, dtype=torch.float64, generator=g)
+    # q ∈ [5, 7], half the keys ∈ [−7, −5.6]: q + k is moderate, but in float16 e^{−2k}
+    # overflows (while e^{−2q} does not underflow to 0, so no NaN warns of it)
+    query = 5 + 2 * u(32, 16)
+    keys = torch.cat([-5.6 - 1.4 * u(32, 20, 16), torch.randn(32, 20, 16, dtype=torch.float64,
+                                                               generator=g)], 1)
+    ref = definition(scorer, query, keys)
+    s = make(16, 4).to(dtype)
+    kk = keys.to(dtype)
+    top, index = s.rank(query.to(dtype), kk, 4, s.rank_keys(kk))
+    tol = {torch.float16: 0.05, torch.bfloat16: 0.2, torch.float32: 1e-4}[dtype]
+    torch.testing.assert_close(ref.gather(1, index), ref.topk(4, -1)[0], rtol=0, atol=tol)
+    torch.testing.assert_close(top.double(), ref.topk(4, -1)[0], rtol=0, atol=tol)
