@@ -2,7 +2,9 @@
 
 A bank holds the memories ``m_i = h(t_i)`` of one layer, ``(B, n, H)``, and their cached keys
 ``W_k m_i``, ``(B, n, d_k)``, in preallocated buffers (grown by doubling, so a write is O(1), never
-an O(n) concatenation).  The buffers hold *values* only; the autograd graph is routed through two
+an O(n) concatenation); on request (``ranking_keys``) also what the scorer's ranking computes
+from each key alone (the MLP scorer's ``e^{−2k}``), kept up to date slot by slot.  The buffers
+hold *values* only; the autograd graph is routed through two
 small custom functions, so that attention over ``n`` memories costs ``O(B·k_top·H)`` per step in
 the backward pass instead of a dense ``(B, n, H)`` gradient per step (SPEC §9a):
 
