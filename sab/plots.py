@@ -102,15 +102,19 @@ def plot_attention(record, path, sample: int = 0, title: str = "",
     return path
 
 
-def plot_run(run_dir, sample: int = 0) -> List[Path]:
-    """Write the run's curves and (for models with memory) its attention map; return the paths."""
+def plot_run(run_dir, sample: int = 0, T: Optional[int] = None,
+             attention_path=None) -> List[Path]:
+    """Write the run's curves and (for models with memory) its attention map; return the paths.
+
+    ``T``: draw only the attention, on a sequence of length ``T`` instead of the run's own (a
+    model trained at one copying length, read at another), into ``attention_path``."""
     from .trainer import METRICS, load_run
 
     run_dir = Path(run_dir)
     config, task, model, ckpt = load_run(run_dir)
     written = []
     metrics_path = run_dir / METRICS
-    if metrics_path.exists():
+    if T is None and metrics_path.exists():
         lines = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
         m = config.model
         title = (f"{config.task} T={config.task_options.get('T')}  {m.name} H={m.hidden} "
@@ -118,20 +122,23 @@ def plot_run(run_dir, sample: int = 0) -> List[Path]:
         written.append(plot_curves(lines, run_dir / "curves.png", title))
     if getattr(model.rnn, "attends", False):
         generator = task.eval_generator()
-        x, y, _ = task.sample(max(sample + 1, 1), generator)  # (L, b, I)
+        x, y, _ = task.sample(max(sample + 1, 1), generator, T)  # (L, b, I)
         with torch.no_grad():
             _, _, records = model(x, None, return_attention=True)
         marks = {}
+        trained_T = config.task_options.get("T")
         if config.task == "copy":
-            T = config.task_options["T"]
-            marks = {"marker": T + 9, "recall": T + 10}
+            L = trained_T if T is None else T
+            marks = {"marker": L + 9, "recall": L + 10}
         acc = ""
         if config.task == "copy":
             logits = model.readout(*_outputs(model, x))
             acc = f"  (this sequence: {int((logits[-10:, sample].argmax(-1) == y[-10:, sample]).sum())}/10 digits recalled)"
-        written.append(plot_attention(records[-1], run_dir / "attention.png", sample,
+        where = "" if T is None else f", trained at T={trained_T}, read at T={T}"
+        path = run_dir / "attention.png" if attention_path is None else Path(attention_path)
+        written.append(plot_attention(records[-1], path, sample,
                                       title=f"{model.rnn.__class__.__name__} attention at step "
-                                            f"{ckpt['step']}{acc}", marks=marks))
+                                            f"{ckpt['step']}{where}{acc}", marks=marks))
     return written
 
 

@@ -563,7 +563,7 @@ def write_report(results="results", paper_file=PAPER_FILE, figures: bool = True,
     records = {name: read_run(results / "runs" / name) for name in ROWS}
     with_data = [n for n, r in records.items() if r.metrics]
     fig_dir = results / "figures"
-    figs: Dict[str, Path] = {}
+    figs: dict = {}
     if figures and with_data:
         figs = _figures(results, records, fig_dir)
 
@@ -641,7 +641,14 @@ def write_report(results="results", paper_file=PAPER_FILE, figures: bool = True,
             L.append(f"![learning curves]({Path('figures') / figs[table].name})")
             L.append("")
         if table == "copy200":
-            if "attention" in figs:
+            if "attention_from" in figs:
+                L.append(f"Attention on one evaluation sequence of copying T=200 (rows: memories "
+                         f"by the step that wrote them; columns: the step reading) of "
+                         f"`{figs['attention_from']}`, **trained at T=100** and read unchanged "
+                         f"at T=200 (`copy200-sab-5-5` has not been run):")
+                L.append("")
+                L.append(f"![attention map, copying T=200](figures/{figs['attention'].name})")
+            elif "attention" in figs:
                 L.append("Attention of `copy200-sab-5-5` on one evaluation sequence (rows: "
                          "memories by the step that wrote them; columns: the step reading):")
                 L.append("")
@@ -680,12 +687,16 @@ def write_report(results="results", paper_file=PAPER_FILE, figures: bool = True,
     return path
 
 
-def _figures(results: Path, records: Dict[str, RunRecord], fig_dir: Path) -> Dict[str, Path]:
+# without a T=200 run, the attention map of copying T=200 comes from the first of these
+ATTENTION_FROM_T100 = ("copy100-sab-5-5", "copy100-sab-10-10")
+
+
+def _figures(results: Path, records: Dict[str, RunRecord], fig_dir: Path) -> dict:
     from .plots import _pyplot
 
     plt = _pyplot()
     fig_dir.mkdir(parents=True, exist_ok=True)
-    out: Dict[str, Path] = {}
+    out: dict = {}  # figure name -> path ("attention_from": the row its map comes from)
     for table, (title, metric, better) in TABLES.items():
         if table == "transfer":
             continue
@@ -753,6 +764,18 @@ def _figures(results: Path, records: Dict[str, RunRecord], fig_dir: Path) -> Dic
     if (run / "attention.png").exists():
         out["attention"] = fig_dir / "attention_copy200.png"
         shutil.copyfile(run / "attention.png", out["attention"])
+    else:  # no T=200 run: a T=100 SAB model read at T=200 (the transfer's model), said so
+        for name in ATTENTION_FROM_T100:
+            src = results / "runs" / name
+            if (src / "ckpt.pt").exists():
+                try:
+                    from .plots import plot_run
+                    path = fig_dir / f"attention_copy200_from_{name}.png"
+                    plot_run(src, T=200, attention_path=path)
+                    out["attention"], out["attention_from"] = path, name
+                    break
+                except Exception:  # a checkpoint this code cannot read: try the next
+                    continue
     return out
 
 

@@ -146,6 +146,17 @@ def test_repro_run_trains_and_resumes(tmp_path):
     assert "dry run" in next(x for x in text.splitlines() if "`copy100-sab-5-5`" in x)
 
 
+def test_report_draws_copy200_attention_from_a_t100_model_without_a_t200_run(tmp_path):
+    """No `copy200-sab-5-5` run: the report's T=200 attention map is a T=100 SAB model read at
+    T=200, and the report says so."""
+    (row,) = select_rows(["copy100-sab-5-5"])
+    assert run_rows([row], tmp_path, steps=2, dry_run=True, plot=False, log=lambda _: None) == 0
+    text = write_report(tmp_path).read_text()
+    fig = tmp_path / "figures" / "attention_copy200_from_copy100-sab-5-5.png"
+    assert fig.exists() and fig.stat().st_size > 0
+    assert f"figures/{fig.name}" in text and "**trained at T=100**" in text
+
+
 def test_stop_requested_checkpoints_and_resumes_exactly(tmp_path):
     """A run stopped between checkpoints (the signal path of `repro run`) resumes to the same
     weights as an uninterrupted run."""
