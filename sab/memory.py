@@ -27,6 +27,7 @@ Memory *ids* count writes from the start of the stream and never repeat; slots a
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from typing import Callable, List, Optional
 
@@ -139,8 +140,14 @@ class _Gather(Function):
 
 def _flat_rows(slots: Tensor, cap: int) -> Tensor:
     """Rows of a (B·cap, D) view of a bank buffer for ``slots`` (B, m) → (B·m,)."""
-    offsets = torch.arange(slots.shape[0], device=slots.device).unsqueeze(1) * cap  # (B, 1)
-    return (slots + offsets).reshape(-1)
+    return (slots + _row_offsets(slots.shape[0], cap, slots.device)).reshape(-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _row_offsets(batch: int, cap: int, device: torch.device) -> Tensor:
+    """(B, 1): the first row of each batch element in a (B·cap, D) view, made once per shape
+    (every read gathers: three tensor operations a read saved)."""
+    return torch.arange(batch, device=device).unsqueeze(1) * cap
 
 
 def _gather_rows(buf: Tensor, slots: Tensor, flat: Optional[Tensor] = None) -> Tensor:

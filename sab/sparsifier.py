@@ -56,7 +56,7 @@ def _denominator(shifted: Tensor, eps: float) -> Tensor:
     total = shifted.sum(-1, keepdim=True)
     if eps > 0:
         return total + eps
-    return torch.where(total > 0, total, torch.ones_like(total))
+    return torch.where(total > 0, total, 1.0)
 
 
 def threshold_weights_grad(grad: Tensor, top: Tensor, delta: Tensor, weights: Tensor,
