@@ -162,8 +162,9 @@ def mlp_scores_grad(query: Tensor, keys: Tensor, v: Tensor, grad: Tensor):
     are passed over six times instead of eleven."""
     B, k, d = keys.shape
     sig = torch.add(2 * query.unsqueeze(1), keys, alpha=2).sigmoid_()  # (B, k, d)
-    g_v = 2 * (grad.reshape(1, B * k) @ sig.view(B * k, d)).view(d) - grad.sum()
-    g_z = (1 - sig).mul_(sig).mul_(grad.unsqueeze(-1) * (4 * v))  # (B, k, d)
+    # ∂L/∂v = Σ grad·tanh = 2·σᵀgrad − Σgrad, one addmv
+    g_v = torch.addmv(grad.sum(), sig.view(B * k, d).t(), grad.reshape(B * k), beta=-1, alpha=2)
+    g_z = torch.addcmul(sig, sig, sig, value=-1).mul_(grad.unsqueeze(-1) * (4 * v))  # σ(1 − σ)·…
     return g_z.sum(1), g_z, g_v
 
 
