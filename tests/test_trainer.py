@@ -236,3 +236,31 @@ def test_step_time_benchmark_reports_ratios_within_rounds(tmp_path):
     assert res["median_ratio"]["lstm/lstm@6"] == 1.0
     assert res["median_ratio"]["sab-ref/lstm@6"] > 0
     assert json.loads((tmp_path / "t.json").read_text())["median_ratio"] == res["median_ratio"]
+
+
+@pytest.mark.slow
+def test_dispatch_benchmark_compares_bit_identical_versions(tmp_path):
+    """benchmarks/dispatch.py (compiles a C++ extension, about a minute the first time): the C++
+    version of the LSTM pointwise backward returns exactly what the Python one does."""
+    from benchmarks import dispatch
+
+    res = dispatch.main(["--batch", "4", "--hidden", "8", "--calls", "20", "--rounds", "1",
+                         "--json", str(tmp_path / "d.json")])
+    assert res["bit_identical"] and res["python_us"] > 0 and res["cpp_us"] > 0
+    assert json.loads((tmp_path / "d.json").read_text())["n_ops"] == dispatch.N_OPS
+    # the per-operation figures divide by the operations the Python version really dispatches
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from sab.cell import pointwise_backward
+
+    calls = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x = [torch.rand(4, 8) for _ in range(4)]
+    act, dgates = torch.rand(4, 32), torch.empty(4, 32)
+    with Count():
+        pointwise_backward(x[0], x[1], act, x[2], x[3], dgates)
+    assert len(calls) == dispatch.N_OPS
