@@ -404,8 +404,8 @@ def _credit(ctx, ids: Tensor, g_values: Tensor, g_keys: Tensor, local: Optional[
             rows: Tensor) -> None:
     """Route the credit of a read of memories ``ids`` (B, m) through their values (B, m, H) and
     keys (B, m, d): to this chunk's memories (it waits in ``local``, (B·n_local, H + d) rows
-    [value | key], for their write step) and to memories carried in with a graph (their chunk's writes take it);
-    memories carried in without a graph get none.  With a carried graph, this chunk's memories
+    [value | key], for their write step) and to memories carried in with a graph (their chunk's
+    writes take it); memories carried in without a graph get none.  With a carried graph, this chunk's memories
     have their rows in it too: one accumulation for all, taken at their write steps."""
     if ctx.carried:
         ctx.graph.accumulate(ids, g_values, g_keys)

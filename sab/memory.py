@@ -4,9 +4,9 @@ A bank holds the memories ``m_i = h(t_i)`` of one layer, ``(B, n, H)``, and thei
 ``W_k m_i``, ``(B, n, d_k)``, in preallocated buffers (grown by doubling, so a write is O(1), never
 an O(n) concatenation); on request (``ranking_keys``) also what the scorer's ranking computes
 from each key alone (the MLP scorer's ``e^{−2k}``), kept up to date slot by slot.  The buffers
-hold *values* only; the autograd graph is routed through two
-small custom functions, so that attention over ``n`` memories costs ``O(B·k_top·H)`` per step in
-the backward pass instead of a dense ``(B, n, H)`` gradient per step (SPEC §9a):
+hold *values* only; the autograd graph is routed through two small custom functions, so that
+attention over ``n`` memories costs ``O(B·k_top·H)`` per step in the backward pass instead of a
+dense ``(B, n, H)`` gradient per step (SPEC §9a):
 
 * ``_Write`` at the step a memory is written: takes ``h(t_i)`` and its key (with their graphs) and
   returns a *token*, a scalar that chains every write of the bank: ``token_i = Write(h, key,
