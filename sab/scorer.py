@@ -32,7 +32,6 @@ __all__ = ["MLPScorer", "DotScorer", "ReleaseScorer", "make_scorer", "SCORERS"]
 RANK_TILE = 2 ** 19
 
 
-
 def rational_limit(dtype: torch.dtype) -> float:
     """The largest |q|, |k| the rational ranking takes in ``dtype``: every factor e^{±2q},
     e^{±2k} stays a normal number (their product may still overflow or underflow: that gives σ
@@ -40,7 +39,6 @@ def rational_limit(dtype: torch.dtype) -> float:
     float64 319, float16 4.4."""
     info = torch.finfo(dtype)
     return 0.45 * min(math.log(info.max), -math.log(info.tiny))
-
 
 
 class MLPScorer(nn.Module):
@@ -113,44 +111,49 @@ class MLPScorer(nn.Module):
         top, index = scores.topk(k, dim=-1)
         return top.mul_(2).sub_(self.v.sum()), index  # (B, k)
 
-    def _rows_per_tile(self, keys: Tensor) -> int:
-        # batch rows per tile (on a GPU one launch for the whole batch is cheaper)
-        B, n, d = keys.shape
-        return max(1, RANK_TILE // max(1, n * d)) if keys.device.type == "cpu" else B
+    def _tiled(self, like: Tensor, fill) -> Tensor:
+        """``hidden @ v`` (B, n) for the (B, n, d_att) ``hidden`` that ``fill(out, rows)`` writes
+        into ``out`` for the batch rows ``rows`` (a slice; ``None``: all), in tiles of
+        ``RANK_TILE`` elements that stay in cache across its passes (on a GPU one launch for the
+        whole batch is cheaper); a scratch buffer kept between steps holds each tile."""
+        B, n, d = like.shape
+        rows = max(1, RANK_TILE // max(1, n * d)) if like.device.type == "cpu" else B
+        if rows >= B:  # one tile: no slicing (a dozen operations less)
+            hidden = self._scratch(like)
+            fill(hidden, None)
+            return torch.mv(hidden.view(-1, d), self.v).view(B, n)
+        scores = like.new_empty(B, n)
+        for s in range(0, B, rows):
+            tile = slice(s, s + rows)
+            hidden = self._scratch(like[tile])  # (b, n, d_att)
+            fill(hidden, tile)
+            torch.mv(hidden.view(-1, d), self.v, out=scores[tile].view(-1))
+        return scores
 
     def _sigmoid(self, query: Tensor, keys: Tensor) -> Tensor:
         """``Σ_j v_j σ(2q_j + 2k_ij)`` (B, n)."""
         if self.fused:
             return _compiled(_mlp_scores)(query, keys, self.v)
-        B, n, d = keys.shape
-        scores = keys.new_empty(B, n)
-        rows = self._rows_per_tile(keys)
         q2 = 2 * query  # 2(q + k) = 2q + 2k exactly: one pass over the keys less
-        for s in range(0, B, rows):  # tiles that stay in cache across add, sigmoid and mv
-            hidden = self._scratch(keys[s:s + rows])  # (b, n, d_att), reused every step
-            torch.add(q2[s:s + rows].unsqueeze(1), keys[s:s + rows], alpha=2, out=hidden)
-            hidden.sigmoid_()
-            torch.mv(hidden.view(-1, d), self.v, out=scores[s:s + rows].view(-1))
-        return scores
+
+        def fill(out, rows):
+            torch.add(_tile(q2, rows).unsqueeze(1), _tile(keys, rows), alpha=2, out=out).sigmoid_()
+        return self._tiled(keys, fill)
 
     def _rational(self, a: Tensor, cache: Tensor) -> Tensor:
         """``Σ_j v_j / (1 + a_j·c_ij)`` (B, n) with ``a = e^{−2q}`` (B, d), ``c = e^{−2k}``."""
         if self.fused:
             return _compiled(_mlp_scores_rational)(a, cache, self.v)
-        B, n, d = cache.shape
-        rows = self._rows_per_tile(cache)
         one = cache.new_ones(())
-        if rows >= B:  # one tile (n·B·d_att ≤ RANK_TILE): no slicing (a dozen operations less)
-            hidden = self._scratch(cache)  # (B, n, d_att)
-            torch.addcmul(one, a.unsqueeze(1), cache, out=hidden)
-            return torch.mv(hidden.reciprocal_().view(-1, d), self.v).view(B, n)
-        scores = cache.new_empty(B, n)
-        for s in range(0, B, rows):
-            hidden = self._scratch(cache[s:s + rows])  # (b, n, d_att)
-            torch.addcmul(one, a[s:s + rows].unsqueeze(1), cache[s:s + rows], out=hidden)
-            hidden.reciprocal_()
-            torch.mv(hidden.view(-1, d), self.v, out=scores[s:s + rows].view(-1))
-        return scores
+
+        def fill(out, rows):
+            torch.addcmul(one, _tile(a, rows).unsqueeze(1), _tile(cache, rows),
+                          out=out).reciprocal_()
+        return self._tiled(cache, fill)
+
+
+def _tile(x: Tensor, rows: Optional[slice]) -> Tensor:
+    return x if rows is None else x[rows]  # (no slicing operation for the whole batch)
 
 
 def mlp_scores_grad(query: Tensor, keys: Tensor, v: Tensor, grad: Tensor):
