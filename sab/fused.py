@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from .cell import Selection, cell_update, gate_activations_, pointwise_backward, rank_memories
-from .memory import MemoryBank, _Graph
+from .memory import MemoryBank, _flat_rows, _Graph
 from .scorer import MLPScorer, mlp_scores_grad
 from .sparsifier import threshold_delta_grad, threshold_forward, threshold_grad
 from .state import AttentionRecord
@@ -256,7 +256,6 @@ class _FusedLayer(Function):
         # one buffer, a row [value | key] per memory: a read's credit goes in with one index_add
         local = d_out.new_zeros(B, n_local, H + d) if own else None
         local_flat = None if local is None else local.view(B * n_local, H + d)  # (B·n, H+d)
-        rows = torch.arange(B, device=d_out.device).unsqueeze(1) * n_local  # (B, 1)
         later = ctx.later  # later chunks' reads of these memories
         reads = {r.t: r for r in ctx.reads}
         dh_next = torch.zeros_like(d_out[0])
@@ -281,7 +280,7 @@ class _FusedLayer(Function):
             dh_hat = dh  # h(t) = ĥ(t) + s(t)
             if r is not None:  # ∂L/∂s(t): through h(t) and directly (the head reads s(t))
                 g_v += _read_backward(ctx, r, dh + d_summary[t], w_k, v, g_query[t], key_rows,
-                                      local_flat, rows)
+                                      local_flat)
                 if not blocked:  # the query W_q ĥ(t) + b
                     dh_hat = torch.addmm(dh, g_query[t], w_q)
             dgates, dc_prev = pointwise_backward(dh_hat, dc, acts[t], cs[t], tcs[t], dxp[t])
@@ -347,7 +346,7 @@ def _attend(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor,
 
 
 def _read_backward(ctx, r: _Read, ds: Tensor, w_k: Tensor, v: Tensor, g_query: Tensor,
-                   key_rows: list, local: Optional[Tensor], rows: Tensor) -> Tensor:
+                   key_rows: list, local: Optional[Tensor]) -> Tensor:
     """Backward of one step's attention ``s = Σ w_i m_i`` given ``∂L/∂s`` (B, H): credit to the
     read memories (``w_i ∂L/∂s`` and their keys' gradient), the query's gradient into
     ``g_query`` (B, d); returns ``∂L/∂v`` of this step."""
@@ -367,9 +366,9 @@ def _read_backward(ctx, r: _Read, ds: Tensor, w_k: Tensor, v: Tensor, g_query: T
     g_q, g_keys, g_v = mlp_scores_grad(r.query, keys, v, g_scores)
     g_query.copy_(g_q)
     m = r.ids.shape[1]
-    _credit(ctx, r.ids, g_values, g_keys[:, :m], local, rows)
+    _credit(ctx, r.ids, g_values, g_keys[:, :m], local)
     if r.m_delta is not None:  # δ's key reaches W_k only, never the memory
-        _delta_credit(ctx, r, g_keys[:, m:], key_rows, local, rows)
+        _delta_credit(ctx, r, g_keys[:, m:], key_rows, local)
     return g_v
 
 
@@ -382,13 +381,14 @@ def _old(ctx, ids: Tensor) -> Optional[Tensor]:
     return old.unsqueeze(-1) if bool(old.any()) else None
 
 
-def _local_rows(ids: Tensor, first: int, rows: Tensor, old: Optional[Tensor]) -> Tensor:
-    """Rows of a (B·n_local, D) view of a chunk-local buffer for this chunk's memories ``ids``
-    (B, m) → (B·m,); carried memories (``old``) point at row 0 (their gradient is masked)."""
-    rel = ids - first
+def _local_rows(ctx, ids: Tensor, old: Optional[Tensor]) -> Tensor:
+    """Rows of the (B·n_local, D) view of the chunk-local buffer for this chunk's memories
+    ``ids`` (B, m) → (B·m,); carried memories (``old``) point at row 0 (their gradient is
+    masked)."""
+    rel = ids - ctx.first
     if old is not None:
         rel = rel.clamp_min(0)
-    return (rel + rows).reshape(-1)
+    return _flat_rows(rel, ctx.n_local)
 
 
 def _local_add(buf: Tensor, flat: Tensor, grad: Tensor, old: Optional[Tensor]) -> None:
@@ -400,24 +400,24 @@ def _local_add(buf: Tensor, flat: Tensor, grad: Tensor, old: Optional[Tensor]) -
     buf.index_add_(0, flat, grad.reshape(-1, grad.shape[-1]))
 
 
-def _credit(ctx, ids: Tensor, g_values: Tensor, g_keys: Tensor, local: Optional[Tensor],
-            rows: Tensor) -> None:
+def _credit(ctx, ids: Tensor, g_values: Tensor, g_keys: Tensor,
+            local: Optional[Tensor]) -> None:
     """Route the credit of a read of memories ``ids`` (B, m) through their values (B, m, H) and
     keys (B, m, d): to this chunk's memories (it waits in ``local``, (B·n_local, H + d) rows
     [value | key], for their write step) and to memories carried in with a graph (their chunk's
-    writes take it); memories carried in without a graph get none.  With a carried graph, this chunk's memories
-    have their rows in it too: one accumulation for all, taken at their write steps."""
+    writes take it); memories carried in without a graph get none.  With a carried graph, this
+    chunk's memories have their rows in it too: one accumulation for all, taken at their write
+    steps."""
     if ctx.carried:
         ctx.graph.accumulate(ids, g_values, g_keys)
         return
     old = _old(ctx, ids)
     if ctx.n_local:
-        _local_add(local, _local_rows(ids, ctx.first, rows, old),
-                   torch.cat([g_values, g_keys], -1), old)
+        _local_add(local, _local_rows(ctx, ids, old), torch.cat([g_values, g_keys], -1), old)
 
 
-def _delta_credit(ctx, r: _Read, g_key: Tensor, key_rows: list, local: Optional[Tensor],
-                  rows: Tensor) -> None:
+def _delta_credit(ctx, r: _Read, g_key: Tensor, key_rows: list,
+                  local: Optional[Tensor]) -> None:
     """δ's memory's key gradient (B, 1, d) goes to W_k through its stored value, whichever chunk
     wrote it: this chunk's memories collect it with their keys' (one row of W_k's product per
     memory), a carried memory's goes straight into ``key_rows`` (every one's, when the chunk's
@@ -427,6 +427,6 @@ def _delta_credit(ctx, r: _Read, g_key: Tensor, key_rows: list, local: Optional[
         return
     old = _old(ctx, r.delta_ids)
     H = r.m_delta.shape[-1]  # the key part of the rows [value | key]
-    _local_add(local[:, H:], _local_rows(r.delta_ids, ctx.first, rows, old), g_key, old)
+    _local_add(local[:, H:], _local_rows(ctx, r.delta_ids, old), g_key, old)
     if old is not None:
         key_rows.append((g_key * old, r.m_delta))

@@ -81,7 +81,7 @@ class _Graph:
             gk = gk * keep.unsqueeze(-1)
             rel = rel.clamp_min(0)
         n = self.grad_v.shape[1]
-        flat = (rel + torch.arange(B, device=ids.device).unsqueeze(1) * n).reshape(-1)  # (B*m,)
+        flat = _flat_rows(rel, n)  # (B*m,)
         self.grad_v.view(B * n, -1).index_add_(0, flat, gv.reshape(B * m, -1))
         self.grad_k.view(B * n, -1).index_add_(0, flat, gk.reshape(B * m, -1))
         self.touched[rel[keep]] = True
