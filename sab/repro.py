@@ -641,16 +641,12 @@ def write_report(results="results", paper_file=PAPER_FILE, figures: bool = True,
             L.append(f"![learning curves]({Path('figures') / figs[table].name})")
             L.append("")
         if table == "copy200":
-            if "attention_from" in figs:
-                L.append(f"Attention on one evaluation sequence of copying T=200 (rows: memories "
-                         f"by the step that wrote them; columns: the step reading) of "
-                         f"`{figs['attention_from']}`, **trained at T=100** and read unchanged "
-                         f"at T=200 (`copy200-sab-5-5` has not been run):")
-                L.append("")
-                L.append(f"![attention map, copying T=200](figures/{figs['attention'].name})")
-            elif "attention" in figs:
-                L.append("Attention of `copy200-sab-5-5` on one evaluation sequence (rows: "
-                         "memories by the step that wrote them; columns: the step reading):")
+            if "attention" in figs:
+                whose = "`copy200-sab-5-5`" if "attention_from" not in figs else (
+                    f"`{figs['attention_from']}`, **trained at T=100** and read unchanged at "
+                    f"T=200 (`copy200-sab-5-5` has not been run),")
+                L.append(f"Attention of {whose} on one evaluation sequence (rows: memories by the "
+                         f"step that wrote them; columns: the step reading):")
                 L.append("")
                 L.append(f"![attention map, copying T=200](figures/{figs['attention'].name})")
             else:
