@@ -38,9 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
+from . import native
 from .cell import Selection, cell_update, gate_activations_, pointwise_backward, rank_memories
-from .memory import MemoryBank, _flat_rows, _Graph
-from .scorer import MLPScorer, mlp_scores_grad
+from .memory import MemoryBank, _flat_rows, _Graph, _row_offsets
+from .scorer import RANK_TILE, MLPScorer, mlp_scores_grad, rational_limit
 from .sparsifier import threshold_delta_grad, threshold_forward, threshold_grad
 from .state import AttentionRecord
 
@@ -63,6 +64,8 @@ class _Config:
     replay: Optional[Iterator] = None  # the sparse engine's logged rankings, one per read
     log: Optional[object] = None  # the sparse engine's ForwardLog, filled by its forward
     reads: Optional[list] = None  # with ``record``: what each step read, for the record
+    # the C++ step functions (``sab.native``; None: the Python steps), set by ``_forward``
+    native: Optional[object] = None
 
 
 class _Read:
@@ -147,6 +150,7 @@ def _forward(cfg: _Config, xps, T: int, h0: Tensor, c0: Tensor, w_hh: Tensor, w_
     every block, the ranking of every step that attended) — evaluation and the sparse engine's
     graph-free forward, whose memory must not grow by per-step activations."""
     bank, log = cfg.bank, cfg.log
+    cfg.native = K = _native(cfg.scorer, h0)
     w_hh_t = w_hh.t()
     h, c = h0, c0
     B, H = h0.shape
@@ -167,15 +171,18 @@ def _forward(cfg: _Config, xps, T: int, h0: Tensor, c0: Tensor, w_hh: Tensor, w_
             log.add_boundary(t, h, c, bank)
         # (no out= here: MKL's addmm into a given buffer rounds differently, and the
         # sparse engine's graph-free forward must equal its recomputations bit for bit)
-        act = gate_activations_(torch.addmm(xp_t, h, w_hh_t))  # (B, 4H)
         # ĥ and h are fresh tensors, not rows of a (T, B, H) buffer: MKL's products round
         # differently on unaligned rows, and both engines' forwards must agree bit for bit
+        if K is not None:  # the same operations in C++
+            act, h_hat, c, _ = (K.lstm_step(xp_t, h, w_hh_t, cs[t], cs[t + 1], tcs[t]) if save
+                                else K.lstm_step(xp_t, h, w_hh_t, c, None, None))
+        else:
+            act = gate_activations_(torch.addmm(xp_t, h, w_hh_t))  # (B, 4H)
+            h_hat, c, _ = (cell_update(act, cs[t], cs[t + 1], tcs[t]) if save  # c: a row of cs
+                           else cell_update(act, c))
         if save:
             acts.append(act)
-            h_hat, c, _ = cell_update(act, cs[t], cs[t + 1], tcs[t])  # c: a row of cs
             h_hats.append(h_hat)
-        else:
-            h_hat, c, _ = cell_update(act, c)
         if bank.count > 0:
             s = h0.new_empty(B, H) if summary is None else summary[t]
             r = _attend(cfg, t, h_hat, w_q, b_q, s)
@@ -258,6 +265,9 @@ class _FusedLayer(Function):
         local_flat = None if local is None else local.view(B * n_local, H + d)  # (B·n, H+d)
         later = ctx.later  # later chunks' reads of these memories
         reads = {r.t: r for r in ctx.reads}
+        K = cfg.native
+        # rows of the chunk-local buffer's (B·n_local, H + d) view: where batch element b starts
+        offsets = _row_offsets(B, max(n_local, 1), d_out.device)
         dh_next = torch.zeros_like(d_out[0])
         dc = d_c
         for t in range(T - 1, -1, -1):
@@ -279,12 +289,21 @@ class _FusedLayer(Function):
             r = reads.get(t)
             dh_hat = dh  # h(t) = ĥ(t) + s(t)
             if r is not None:  # ∂L/∂s(t): through h(t) and directly (the head reads s(t))
-                g_v += _read_backward(ctx, r, dh + d_summary[t], w_k, v, g_query[t], key_rows,
-                                      local_flat)
+                ds = dh + d_summary[t]
+                if K is not None and not r.dense:
+                    _read_backward_native(ctx, K, r, ds, w_k, v, g_query[t], g_v, key_rows,
+                                          local_flat, offsets)
+                else:
+                    g_v += _read_backward(ctx, r, ds, w_k, v, g_query[t], key_rows, local_flat)
                 if not blocked:  # the query W_q ĥ(t) + b
                     dh_hat = torch.addmm(dh, g_query[t], w_q)
+            cut = _is_cut(cfg.step0 + t, cfg.k_trunc)  # h, c entered this step detached
+            if K is not None:  # the same operations in C++
+                dh_next, dc = K.lstm_step_backward(dh_hat, dc, acts[t], cs[t], tcs[t], dxp[t],
+                                                   w_hh, cut)
+                continue
             dgates, dc_prev = pointwise_backward(dh_hat, dc, acts[t], cs[t], tcs[t], dxp[t])
-            if _is_cut(cfg.step0 + t, cfg.k_trunc):  # h, c entered this step detached
+            if cut:
                 dh_next, dc = torch.zeros_like(dh), torch.zeros_like(dc)
             else:
                 dh_next, dc = dgates @ w_hh, dc_prev  # (B, 4H) @ (4H, H)
@@ -313,10 +332,13 @@ def _attend(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor,
     bank, scorer, k_top, log = cfg.bank, cfg.scorer, cfg.k_top, cfg.log
     B = h_hat.shape[0]
     start, stop = bank.window()
-    query = F.linear(h_hat, w_q, b_q)  # (B, d), as the scorer's nn.Linear
     top = m_delta = delta_ids = shifted = denom = None
     logged = None if cfg.replay is None else next(cfg.replay)  # consumed by every read
-    if cfg.dense or stop - start <= k_top:  # every memory, softmax (SPEC §2.4)
+    dense = cfg.dense or stop - start <= k_top
+    if cfg.native is not None and not dense:
+        return _attend_native(cfg, t, h_hat, w_q, b_q, s, logged)
+    query = F.linear(h_hat, w_q, b_q)  # (B, d), as the scorer's nn.Linear
+    if dense:  # every memory, softmax (SPEC §2.4)
         slots = torch.arange(start, stop, device=h_hat.device).expand(B, -1)  # (B, n)
         values, keys = bank.gather(slots)  # (B, n, H), (B, n, d) copies (no graph here)
         weights = torch.softmax(scorer.scores(query, keys), dim=-1)  # (B, n)
@@ -343,6 +365,55 @@ def _attend(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor,
     s.copy_(torch.bmm(weights.unsqueeze(1), values).squeeze(1))  # s(t) = Σ w_i m_i (B, H)
     return _Read(t, top is None, query, ids, weights, shifted, denom, values, keys, m_delta,
                  delta_ids, bank.slot_steps[slots] if cfg.record else None)
+
+
+def _native(scorer, like: Tensor):
+    """The C++ step functions where they compute what the Python steps do: on the CPU, in
+    float32 or float64, with the MLP scorer not ranking by ``torch.compile``'s kernel; else
+    ``None``."""
+    if like.device.type != "cpu" or type(scorer) is not MLPScorer or scorer.fused \
+            or like.dtype not in (torch.float32, torch.float64):
+        return None
+    # (their ranking is the ranking kernel's: without it, the Python steps rank as the scorer)
+    return native.kernels() if native.kernels("ranking") is not None else None
+
+
+def _attend_native(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor, s: Tensor,
+                   logged) -> _Read:
+    """:func:`_attend`'s sparse read (n > k_top) through the C++ step function."""
+    bank, scorer, k_top = cfg.bank, cfg.scorer, cfg.k_top
+    start, stop = bank.window()
+    cache = bank.ranking_keys(scorer.rank_keys) if logged is None else None
+    replay = (None, None) if logged is None else (logged[0], logged[1])
+    (query, top, ranked, values, keys, ids, weights, shifted, denom, m_delta,
+     delta_ids) = cfg.native.attend_sparse(
+        h_hat, w_q, b_q, scorer.v, bank.values, bank.keys, bank.slot_ids, cache,
+        _row_offsets(h_hat.shape[0], bank.values.shape[1], h_hat.device), start, stop, k_top,
+        cfg.eps, cfg.delta_grad, rational_limit(h_hat.dtype), RANK_TILE, *replay, s)
+    if cfg.log is not None:
+        cfg.log.add_selection(Selection(top, ranked))
+    steps = bank.slot_steps[ranked[:, :k_top]] if cfg.record else None
+    return _Read(t, False, query, ids, weights, shifted, denom, values, keys, m_delta, delta_ids,
+                 steps)
+
+
+def _read_backward_native(ctx, K, r: _Read, ds: Tensor, w_k: Tensor, v: Tensor,
+                          g_query: Tensor, g_v: Tensor, key_rows: list, local: Optional[Tensor],
+                          offsets: Tensor) -> None:
+    """:func:`_read_backward` of a sparse read through the C++ step function (which adds
+    ``∂L/∂v`` into ``g_v`` and the credit of this chunk's memories into ``local``); the
+    credit of memories carried in with a graph, and δ's key rows, are routed here."""
+    g_values, g_keys, old = K.read_backward_sparse(
+        ds, r.values, r.keys, r.weights, r.shifted, r.denom, r.query, v, w_k, r.m_delta, g_query,
+        g_v, r.ids, r.delta_ids, local, offsets, ctx.first, ctx.n_local)
+    m = r.ids.shape[1]
+    if ctx.carried:
+        ctx.graph.accumulate(r.ids, g_values, g_keys[:, :m])
+    if r.m_delta is not None:  # as _delta_credit: to W_k through the stored value
+        if local is None:
+            key_rows.append((g_keys[:, m:], r.m_delta))
+        elif old is not None:
+            key_rows.append((g_keys[:, m:] * old, r.m_delta))
 
 
 def _read_backward(ctx, r: _Read, ds: Tensor, w_k: Tensor, v: Tensor, g_query: Tensor,

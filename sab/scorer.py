@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import fastmath
+from . import fastmath, native
 
 __all__ = ["MLPScorer", "DotScorer", "ReleaseScorer", "make_scorer", "SCORERS"]
 
@@ -144,12 +144,22 @@ class MLPScorer(nn.Module):
         """``Σ_j v_j / (1 + a_j·c_ij)`` (B, n) with ``a = e^{−2q}`` (B, d), ``c = e^{−2k}``."""
         if self.fused:
             return _compiled(_mlp_scores_rational)(a, cache, self.v)
+        kernel = _ranking_kernel(cache)
+        if kernel is not None:  # one pass over the cache (sab.native)
+            return kernel.rational_scores(a, cache, self.v)
         one = cache.new_ones(())
 
         def fill(out, rows):
             torch.addcmul(one, _tile(a, rows).unsqueeze(1), _tile(cache, rows),
                           out=out).reciprocal_()
         return self._tiled(cache, fill)
+
+
+def _ranking_kernel(cache: Tensor):
+    """``sab.native``'s module where its ranking kernel applies (CPU, float32/float64)."""
+    if cache.device.type != "cpu" or cache.dtype not in (torch.float32, torch.float64):
+        return None
+    return native.kernels("ranking")
 
 
 def _tile(x: Tensor, rows: Optional[slice]) -> Tensor:

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import sab.scorer
+from sab import native
 from sab.memory import MemoryBank
 from sab.scorer import MLPScorer, rational_limit
 
@@ -21,11 +22,13 @@ def make(d: int, seed: int) -> MLPScorer:
 
 @settings(max_examples=60, deadline=None)
 @given(B=st.integers(1, 5), n=st.integers(1, 40), d=st.integers(1, 9), seed=st.integers(0, 999),
-       scale=st.sampled_from([0.1, 1.0, 5.0, 30.0, 600.0]), tile=st.sampled_from([1, 7, 2 ** 18]))
-def test_ranking_equals_the_definition(B, n, d, seed, scale, tile):
-    """Sigmoid form and rational form (from the cache) select the definition's best k and return
-    its scores; queries and keys beyond the rational form's limit take the sigmoid form (float64:
-    319; scale 600 puts most of them beyond)."""
+       scale=st.sampled_from([0.1, 1.0, 5.0, 30.0, 600.0]), tile=st.sampled_from([1, 7, 2 ** 18]),
+       kernel=st.booleans())
+def test_ranking_equals_the_definition(B, n, d, seed, scale, tile, kernel):
+    """Sigmoid form and rational form (from the cache; by ``sab.native``'s kernel or by ATen
+    operations) select the definition's best k and return its scores; queries and keys beyond
+    the rational form's limit take the sigmoid form (float64: 319; scale 600 puts most of them
+    beyond)."""
     scorer = make(d, seed)
     g = torch.Generator().manual_seed(seed)
     query = scale * torch.randn(B, d, dtype=torch.float64, generator=g)
@@ -36,18 +39,42 @@ def test_ranking_equals_the_definition(B, n, d, seed, scale, tile):
     old = sab.scorer.RANK_TILE
     sab.scorer.RANK_TILE = tile  # rows per tile of the eager ranking
     try:
-        for cache in (None, scorer.rank_keys(keys)):
-            top, index = scorer.rank(query, keys, k, cache)
-            # ties (saturated tanh at large scale) may be broken either way: compare the scores
-            # of the chosen memories, and the indices where the scores are distinct
-            torch.testing.assert_close(top, want_top, rtol=0, atol=1e-12)
-            torch.testing.assert_close(ref.gather(1, index), want_top, rtol=0, atol=1e-12)
-            ranked = ref.topk(min(n, k + 1), dim=-1)[0]  # the chosen and the first left out
-            distinct = n == 1 or bool((ranked[:, :-1] - ranked[:, 1:]).min() > 1e-9)
-            if scale <= 5.0 and distinct:
-                assert torch.equal(index, want_index)
+        with native.enabled(ranking=kernel):
+            for cache in (None, scorer.rank_keys(keys)):
+                top, index = scorer.rank(query, keys, k, cache)
+                # ties (saturated tanh at large scale) may be broken either way: compare the
+                # scores of the chosen memories, and the indices where the scores are distinct
+                torch.testing.assert_close(top, want_top, rtol=0, atol=1e-12)
+                torch.testing.assert_close(ref.gather(1, index), want_top, rtol=0, atol=1e-12)
+                ranked = ref.topk(min(n, k + 1), dim=-1)[0]  # the chosen and the first left out
+                distinct = n == 1 or bool((ranked[:, :-1] - ranked[:, 1:]).min() > 1e-9)
+                if scale <= 5.0 and distinct:
+                    assert torch.equal(index, want_index)
     finally:
         sab.scorer.RANK_TILE = old
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_ranking_kernel_reads_a_window_of_the_bank(dtype):
+    """``sab.native``'s ``rational_scores`` on the bank's cache as the ranking passes it: a
+    window of a larger buffer (strided), NaN where a cached key is out of range."""
+    kernel = native.kernels("ranking")
+    if kernel is None:
+        pytest.skip("sab.native did not build (no C++ compiler)")
+    g = torch.Generator().manual_seed(0)
+    buf = torch.rand(3, 20, 37, dtype=torch.float64, generator=g).mul(4).exp()  # (B, cap, d)
+    a, v = torch.rand(3, 37, dtype=torch.float64, generator=g), torch.randn(37, generator=g,
+                                                                           dtype=torch.float64)
+    window = buf[:, 4:15]  # (B, n, d) slots [4, 15)
+    want = (v / (1 + a.unsqueeze(1) * window)).sum(-1)  # (B, n)
+    got = kernel.rational_scores(a.to(dtype), buf.to(dtype)[:, 4:15], v.to(dtype))
+    torch.testing.assert_close(got, want.to(dtype))
+    window = window.clone()
+    window[1, 2, 5] = float("nan")
+    got = kernel.rational_scores(a, window, v)
+    assert got[1, 2].isnan() and int(got.isnan().sum()) == 1
+    with pytest.raises(RuntimeError, match="rational_scores"):
+        kernel.rational_scores(a[:, :5], window, v)
 
 
 def test_rank_keys_marks_keys_out_of_range():

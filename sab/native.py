@@ -1,0 +1,109 @@
+"""C++ for the hot loops: the one-node layer's steps (``sab.fused``) and the MLP ranking.
+
+A SAB time step dispatches about 200 tensor operations, and called from Python each costs about
+3 µs more than the same call from C++ (``python -m benchmarks.dispatch``): at T=100 that is a
+third of the step.  ``csrc/fused_steps.cpp`` holds the step's pieces — the LSTM step and its
+backward, a sparse read (ranking, gather, threshold, summary) and its backward with the credit
+to the chunk's memories — each making the same ATen calls, in the same order, as the Python it
+replaces, so that both give the same numbers bit for bit (``tests/test_native.py``).  The loop
+over time, the memory bank's bookkeeping and the autograd routing stay in Python.
+
+It also holds the MLP scorer's ranking kernel (``rational_scores``, used by
+``sab.scorer.MLPScorer.rank`` on every path, so that the paths stay bit-identical to each
+other): one pass over the bank's cached keys instead of three ATen passes, the dominant cost
+at long T.  It sums in its own order, so without it (the fallback) scores differ in rounding.
+
+The source is compiled with ``torch.utils.cpp_extension`` the first time a process needs it
+(about a minute, with the C++ compiler PyTorch finds, vectorised for the instruction set
+PyTorch detects on this CPU) into ``~/.cache/sab/`` (``SAB_NATIVE_DIR``), one build per source,
+torch version and instruction set, reused afterwards.  Without a compiler, or with
+``SAB_NATIVE=0``, :func:`kernels` returns ``None``: ``sab.fused`` runs its Python steps and the
+scorer ranks with ATen operations — the same results to rounding, slower.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+__all__ = ["kernels", "enabled", "available"]
+
+SOURCE = Path(__file__).with_name("csrc") / "fused_steps.cpp"
+_ON = os.environ.get("SAB_NATIVE", "1") != "0"
+_STATE = {"module": None, "tried": False, "steps": _ON, "ranking": _ON}
+
+# compiler flags per instruction set PyTorch detects (torch.backends.cpu.get_cpu_capability):
+# the ranking kernel's loop is vectorised for it; the build directory is per instruction set
+_ISA_FLAGS = {"AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512vl",
+                         "-mavx512bw"],
+              "AVX2": ["-mavx2", "-mfma"]}
+
+
+def _capability() -> str:
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # older torch
+        return "DEFAULT"
+
+
+def _build_dir() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    root = Path(os.environ.get("SAB_NATIVE_DIR", Path.home() / ".cache" / "sab"))
+    return root / f"native-{torch.__version__}-{_capability()}-{digest}"
+
+
+def _load():
+    from torch.utils.cpp_extension import load
+
+    build = _build_dir()
+    build.mkdir(parents=True, exist_ok=True)
+    if not any(build.glob("*.so")):
+        print(f"sab: compiling the C++ step functions (once, about a minute) into {build}",
+              file=sys.stderr, flush=True)
+    flags = ["-O3", "-fopenmp-simd"] + _ISA_FLAGS.get(_capability(), [])
+    return load("sab_fused_steps", [str(SOURCE)], extra_cflags=flags, build_directory=str(build),
+                verbose=False)
+
+
+def kernels(part: str = "steps"):
+    """The compiled module, or ``None`` where ``part`` (``"steps"``: the one-node layer's step
+    functions; ``"ranking"``: the ranking kernel) is switched off, or where it could not be
+    built (a warning says why, once per process)."""
+    if not _STATE[part]:
+        return None
+    if not _STATE["tried"]:
+        _STATE["tried"] = True
+        try:
+            _STATE["module"] = _load()
+        except Exception as e:  # no compiler, headers missing, ...: the Python steps still run
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            why = next((x for x in lines if "error" in x.lower()), lines[-1]).strip()
+            warnings.warn(f"sab: the C++ step functions did not build ({why}); sab.fused runs "
+                          "its Python steps and the scorer ranks with ATen operations (the "
+                          "same results to rounding, slower)")
+    return _STATE["module"]
+
+
+@contextlib.contextmanager
+def enabled(steps: Optional[bool] = None, ranking: Optional[bool] = None) -> Iterator[None]:
+    """Within the block, use the C++ step functions or not (``steps``), and the ranking kernel
+    or not (``ranking``) — where they build; ``None`` leaves a setting as it is."""
+    before = dict(_STATE)
+    for part, on in (("steps", steps), ("ranking", ranking)):
+        if on is not None:
+            _STATE[part] = on
+    try:
+        yield
+    finally:
+        _STATE["steps"], _STATE["ranking"] = before["steps"], before["ranking"]
+
+
+def available() -> bool:
+    """Whether the C++ step functions are in use (building them if not tried yet)."""
+    return kernels() is not None

@@ -1,0 +1,112 @@
+"""The C++ step functions (``sab.native``) compute what ``sab.fused``'s Python steps compute,
+bit for bit: the same ATen operations in the same order.  Compared in float32 (where a changed
+operation order shows first) over training, evaluation and the sparse engine."""
+import shutil
+
+import pytest
+import torch
+
+import sab
+from sab import native
+from sab.engines import forward_backward
+
+from conftest import param_grads
+
+from test_fused import CONFIGS
+
+if shutil.which("c++") is None and shutil.which("g++") is None:  # pragma: no cover
+    pytest.skip("no C++ compiler: sab.fused runs its Python steps", allow_module_level=True)
+
+
+def test_the_step_functions_build():
+    """With a C++ compiler present, the build must succeed (a failure falls back silently in
+    use, but it is a bug)."""
+    assert native.kernels() is not None
+
+
+def _train(kw, on, chunks=(7, 10), engine="reference", seed=0, carry_graph=False):
+    with native.enabled(steps=on):
+        torch.manual_seed(seed)
+        layer = sab.SABLSTM(3, 6, **kw)
+        g = torch.Generator().manual_seed(seed + 1)
+        x = torch.randn(sum(chunks), 2, 3, generator=g)
+        r = torch.randn(sum(chunks), 2, 6, generator=g)
+        state, outs, recs, t0, loss = None, [], [], 0, 0
+        for n in chunks:  # state and memory carried into the next chunk, detached
+            if engine == "sparse":
+                res = forward_backward(layer, x[t0:t0 + n],
+                                       lambda a, b, o, s, t0=t0: ((o + s) * r[t0 + a:t0 + b]).sum(),
+                                       state, engine="sparse")
+                state = res.state
+                outs.append(res.loss.detach().reshape(1))
+            else:
+                out, state, rec = layer(x[t0:t0 + n], state, return_attention=True)
+                loss = loss + ((out + 0.5 * rec[-1].summary) * r[t0:t0 + n]).sum()
+                outs.append(out.detach())
+                recs += rec
+                if not carry_graph:  # one backward per chunk; else one over both
+                    loss.backward()
+                    state, loss = state.detach(), 0
+            t0 += n
+        if carry_graph:
+            loss.backward()
+        return torch.cat(outs), recs, param_grads(layer)
+
+
+@pytest.mark.parametrize("kw", CONFIGS + [dict(k_trunc=4, k_top=3, k_att=2, max_memories=5,
+                                               block_score_grad=True, delta_grad=True)])
+@pytest.mark.parametrize("carry_graph", [False, True])
+def test_training_is_bit_identical(kw, carry_graph, monkeypatch):
+    import sab.fused
+    calls = []
+    for name in ("_attend_native", "_read_backward_native"):
+        fn = getattr(sab.fused, name)
+        monkeypatch.setattr(sab.fused, name,
+                            lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    out_n, recs_n, grads_n = _train(kw, True, carry_graph=carry_graph)
+    assert set(calls) == {"_attend_native", "_read_backward_native"}  # sparse reads, natively
+    calls.clear()
+    out_p, recs_p, grads_p = _train(kw, False, carry_graph=carry_graph)
+    assert not calls
+    assert torch.equal(out_n, out_p)
+    for a, b in zip(recs_n, recs_p):
+        for f in ("summary", "weights", "indices", "memory_steps"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), f
+    for name in grads_p:
+        assert torch.equal(grads_n[name], grads_p[name]), name
+
+
+@pytest.mark.parametrize("kw", [CONFIGS[4], CONFIGS[5], dict(k_trunc=3, k_top=2, k_att=1)])
+def test_the_sparse_engine_is_bit_identical(kw):
+    """Its graph-free forward (logging the rankings) and its recomputations (replaying them)."""
+    loss_n, _, grads_n = _train(kw, True, engine="sparse")
+    loss_p, _, grads_p = _train(kw, False, engine="sparse")
+    assert torch.equal(loss_n, loss_p)
+    for name in grads_p:
+        assert torch.equal(grads_n[name], grads_p[name]), name
+
+
+def test_evaluation_is_bit_identical():
+    outs = {}
+    for on in (True, False):
+        with native.enabled(steps=on), torch.no_grad():
+            torch.manual_seed(2)
+            layer = sab.SABLSTM(3, 6, k_trunc=5, k_top=3, k_att=2, max_memories=6)
+            out, state = layer(torch.randn(30, 4, 3, generator=torch.Generator().manual_seed(3)))
+            outs[on] = (out, state.h, state.c)
+    for a, b in zip(outs[True], outs[False]):
+        assert torch.equal(a, b)
+
+
+def test_the_python_steps_run_where_the_functions_do_not_apply():
+    """The torch.compile'd ranking (``fused_scorer``), other scorers, and ``SAB_NATIVE=0``
+    (``native.enabled(False)``) keep the Python steps."""
+    from sab.fused import _native
+    cpu = torch.zeros(1)
+    scorer = sab.SABLSTM(3, 4, k_trunc=2, k_top=2, k_att=1).scorers[0]
+    assert _native(scorer, cpu) is not None
+    assert _native(sab.SABLSTM(3, 4, k_trunc=2, k_top=2, k_att=1, scorer="dot").scorers[0], cpu) is None
+    with native.enabled(steps=False):
+        assert _native(scorer, cpu) is None
+    scorer.fused = True
+    assert _native(scorer, cpu) is None
