@@ -86,7 +86,11 @@ def copying_data(T: int, batch: int, device, seed: int = 0):
 
 def make_step(method: Method, T: int, batch: int = B, k_att: int = K_ATT, device="cpu",
               hidden: int = H) -> Callable[[], float]:
-    """A closure running one training step (forward, backward, Adam) on a copying batch."""
+    """A closure running one training step (forward, backward, Adam) on a copying batch.
+
+    Where the gradient is not finite (SPEC §3's credit can overflow at long T) Adam skips the
+    update, so that the next steps time a finite model (NaN parameters send the ranking down
+    its fallback and the timing means nothing); ``step.nonfinite`` counts those steps."""
     torch.manual_seed(0)
     model = method.build(1, k_att, device, hidden)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -108,10 +112,13 @@ def make_step(method: Method, T: int, batch: int = B, k_att: int = K_ATT, device
         else:
             res = forward_backward(model.rnn, x, loss_fn, engine=method.engine)
             stats = res.stats
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        if torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)):
+            opt.step()
+        else:
+            step.nonfinite += 1
         return stats
 
+    step.nonfinite = 0
     return step
 
 

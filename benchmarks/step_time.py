@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
-    times, ratios = {}, {}
+    times, ratios, nonfinite = {}, {}, {}
     for T in args.T:
         names = [n for n in args.methods if not (n == "naive" and T > args.naive_max_T)]
         steps = {n: make_step(METHODS[n], T, device=args.device) for n in names}
@@ -54,14 +54,19 @@ def main(argv=None) -> dict:
                     ratios[(n, ref, T)] = statistics.median(
                         a / b for a, b in zip(samples[n], samples[ref]))
             print(f"  {n:18s} T={T:5d}  {times[(n, T)] * 1e3:9.1f} ms  (rounds: "
-                  + " ".join(f"{x * 1e3:.0f}" for x in samples[n]) + ")", flush=True)
+                  + " ".join(f"{x * 1e3:.0f}" for x in samples[n]) + ")"
+                  + (f"; gradient not finite in {steps[n].nonfinite} of {reps + 1} steps "
+                     "(Adam skipped them)" if steps[n].nonfinite else ""), flush=True)
+            if steps[n].nonfinite:
+                nonfinite[(n, T)] = (steps[n].nonfinite, reps + 1)
         del steps
     header = ["method"] + [f"T={T} ms" for T in args.T] + [f"T={T} ×lstm" for T in args.T] \
         + [f"T={T} naive/x" for T in args.T if ("naive", T) in times]
     rows = []
     for name in args.methods:
         row = [name]
-        row += [f"{times[(name, T)] * 1e3:.0f}" if (name, T) in times else "-" for T in args.T]
+        row += [f"{times[(name, T)] * 1e3:.0f}" + ("*" if (name, T) in nonfinite else "")
+                if (name, T) in times else "-" for T in args.T]
         row += [f"{ratios[(name, 'lstm', T)]:.2f}" if (name, "lstm", T) in ratios else "-"
                 for T in args.T]
         row += [f"{1 / ratios[(name, 'naive', T)]:.2f}" if (name, "naive", T) in ratios else "-"
@@ -72,7 +77,11 @@ def main(argv=None) -> dict:
           f"above T=200); ratios: median over the rounds of the ratio within a round")
     print(machine())
     print(fmt_table(header, rows))
+    if nonfinite:
+        print("* the gradient was not finite in some steps (Adam skipped them): "
+              + ", ".join(f"{n} T={T}: {k} of {total}" for (n, T), (k, total) in nonfinite.items()))
     results = {"times_s": {f"{n}@{T}": t for (n, T), t in times.items()},
+               "nonfinite_steps": {f"{n}@{T}": k for (n, T), (k, _) in nonfinite.items()},
                "median_ratio": {f"{n}/{ref}@{T}": r for (n, ref, T), r in ratios.items()}}
     finish(args, results)
     return results
