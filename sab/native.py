@@ -25,7 +25,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
@@ -61,8 +63,19 @@ def _build_dir() -> Path:
 def _load():
     from torch.utils.cpp_extension import load
 
+    if shutil.which("ninja") is None:  # the PyPI package (a dependency) installs it beside Python
+        try:
+            import ninja
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass  # load() then says that ninja is missing
     build = _build_dir()
-    build.mkdir(parents=True, exist_ok=True)
+    try:
+        build.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no writable home: a directory of this user's under the temporary one
+        user = os.getuid() if hasattr(os, "getuid") else "user"
+        build = Path(tempfile.gettempdir()) / f"sab-{user}" / build.name
+        build.mkdir(parents=True, exist_ok=True)
     if not any(build.glob("*.so")):
         print(f"sab: compiling the C++ step functions (once, about a minute) into {build}",
               file=sys.stderr, flush=True)

@@ -24,6 +24,23 @@ def test_the_step_functions_build():
     assert native.kernels() is not None
 
 
+def test_a_failed_build_falls_back_to_the_python_steps(monkeypatch):
+    """A build that fails warns once, with the compiler's error line, and the layer runs its
+    Python steps."""
+    def broken():
+        raise RuntimeError("ninja: compiling\nfused_steps.cpp:1: error: something\nstopped")
+    monkeypatch.setitem(native._STATE, "module", None)
+    monkeypatch.setitem(native._STATE, "tried", False)
+    monkeypatch.setattr(native, "_load", broken)
+    with pytest.warns(UserWarning, match="fused_steps.cpp:1: error: something"):
+        assert native.kernels() is None
+    assert native.kernels() is None  # tried once per process
+    layer = sab.SABLSTM(3, 4, k_trunc=2, k_top=2, k_att=1, block_score_grad=True)
+    out, _ = layer(torch.randn(9, 2, 3))
+    out.sum().backward()
+    assert torch.isfinite(layer.scorers[0].v.grad).all()
+
+
 def _train(kw, on, chunks=(7, 10), engine="reference", seed=0, carry_graph=False):
     with native.enabled(steps=on):
         torch.manual_seed(seed)
