@@ -220,8 +220,9 @@ std::vector<Tensor> attend_sparse(const Tensor& h_hat, const Tensor& w_q, const 
 // ∂L/∂query into ``g_query``; with ``local`` (the chunk-local buffer (B·n_local, H + d), rows
 // [value | key], and the chunk's first memory id ``first``), the credit of this chunk's
 // memories is added there (sab.fused._credit and _delta_credit), carried memories' masked.
-// Returns ∂L/∂values (B, k, H), ∂L/∂keys (B, k(+1), d) and ``old`` (B, k(+1), 1), where the
-// read memories (δ's last) came from an earlier chunk (undefined when none did).
+// Returns ∂L/∂values (B, k, H), ∂L/∂keys (B, k(+1), d; δ's memory last) and, with ``local``
+// and ``m_delta``, ``old`` (B, 1, 1): where δ's memory came from an earlier chunk (its key's
+// gradient then goes to W_k through the caller; undefined when none did).
 std::vector<Tensor> read_backward_sparse(const Tensor& ds, const Tensor& values,
                                          const Tensor& keys_in, const Tensor& weights,
                                          const Tensor& shifted, const Tensor& denom,
