@@ -7,9 +7,17 @@ learns decides how many blocks credit reaches).  The credit rule is the reproduc
 (``--rule blocked``: ``block_score_grad``, ``delta_grad``, ε = 0.01, ``sab.repro``) or SPEC §3's
 (``--rule spec``: the scores' credit reaches ĥ and the memories, ε = 0).
 
+With ``--copy-run`` it also counts them for a model trained on copying (a ``sab repro`` run,
+e.g. ``results/runs/copy100-sab-5-5``) and a loss at the last step of copying sequences of
+length T + 20 (the last recalled digit): what a model whose attention has learned to read the
+digits' memories sends credit to.
+
     python -m benchmarks.steps_visited --T 200 500 1000 2000
+    python -m benchmarks.steps_visited --T 1000 --copy-run results/runs/copy100-sab-5-5
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +26,7 @@ import sab
 from sab.engines import forward_backward
 from sab.repro import SAB_EPS
 from sab.heads import SequenceModel
-from sab.tasks import adding_batch
+from sab.tasks import adding_batch, copying_batch, encode_copying
 
 from .common import base_parser, finish, fmt_table, machine
 
@@ -40,6 +48,35 @@ def visited(model, T: int, batch: int, seed: int) -> tuple[float, float]:
     return res.stats["steps_backpropagated"], float(res.loss)
 
 
+def copying_visited(run: str, Ts, seqs: int) -> dict:
+    """Mean steps backpropagated for the last recalled digit's loss, per T, of the copying
+    model in ``run`` (one sequence per measurement)."""
+    from sab.trainer import load_run
+
+    config, _, model, ckpt = load_run(run)
+    one_hot = config.task_options.get("one_hot", False)
+    out = {}
+    for T in Ts:
+        counts = []
+        for s in range(seqs):
+            x, y = copying_batch(T, 1, torch.Generator().manual_seed(2000 + s))  # (T+20, 1)
+            L = x.shape[0]
+
+            def loss_fn(start, stop, output, summary):
+                if stop < L:
+                    return None
+                logits = model.readout(output[-1:], summary[-1:])[0]  # (1, 10)
+                return F.cross_entropy(logits, y[-1])
+            loss_fn.loss_steps = [L - 1]
+            model.zero_grad()
+            res = forward_backward(model.rnn, encode_copying(x, one_hot), loss_fn, engine="sparse")
+            counts.append(res.stats["steps_backpropagated"])
+        out[T] = sum(counts) / len(counts)
+        print(f"  copying   T={T:5d}  {out[T]:8.1f} of {T + 20} steps ({out[T] / (T + 20):.1%}), "
+              f"{Path(run).name} at step {ckpt.get('step', '?')}", flush=True)
+    return out
+
+
 def main(argv=None) -> dict:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--T", type=int, nargs="+", default=[200, 500, 1000, 2000])
@@ -52,6 +89,7 @@ def main(argv=None) -> dict:
     p.add_argument("--k-att", type=int, default=10)
     p.add_argument("--rule", choices=["blocked", "spec"], default="blocked",
                    help="credit rule (default: the reproduction's)")
+    p.add_argument("--copy-run", help="also count for this trained copying run (a run directory)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -93,6 +131,14 @@ def main(argv=None) -> dict:
     print(fmt_table(["T", "BPTT steps", "SAB untrained", "fraction", "SAB trained", "fraction"],
                     rows))
     results = {"untrained": untrained, "trained": trained, "train_mse": mse}
+    if args.copy_run:
+        copying = copying_visited(args.copy_run, args.T, args.seqs)
+        print(f"\nThe same for {args.copy_run} (trained on copying T=100) and a loss at the last "
+              f"step of copying sequences (T + 20 steps); mean of {args.seqs} sequences")
+        print(fmt_table(["T", "BPTT steps", "SAB trained on copying", "fraction"],
+                        [[T, T + 20, f"{copying[T]:.0f}", f"{copying[T] / (T + 20):.1%}"]
+                         for T in args.T]))
+        results["copying"] = copying
     finish(args, results)
     return results
 

@@ -71,20 +71,24 @@ class _Graph:
             self.grad_v, self.grad_k, self.touched = grad_v, grad_k, touched
 
     def accumulate(self, ids: Tensor, gv: Tensor, gk: Tensor) -> None:
-        """Add ``gv`` (B, m, H) and ``gk`` (B, m, d_k) into the rows of memories ``ids`` (B, m)."""
+        """Add ``gv`` (B, m, H) and ``gk`` (B, m, d_k) into the rows of memories ``ids`` (B, m).
+        A memory counts as touched only where its credit is not exactly zero: a read at a step
+        that no credit reached (after the last loss or memory of a recomputed block) sends zeros,
+        and its memories' blocks need no visit."""
         self._ensure(gv, gk)
         B, m = ids.shape
         rel = ids - self.first_id  # (B, m)
-        keep = rel >= 0  # older memories came in detached
-        if not bool(keep.all()):
-            gv = gv * keep.unsqueeze(-1)
-            gk = gk * keep.unsqueeze(-1)
+        valid = rel >= 0  # older memories came in detached
+        touched = valid & ((gv != 0).any(-1) | (gk != 0).any(-1))  # (B, m)
+        if not bool(valid.all()):
+            gv = gv * valid.unsqueeze(-1)
+            gk = gk * valid.unsqueeze(-1)
             rel = rel.clamp_min(0)
         n = self.grad_v.shape[1]
         flat = _flat_rows(rel, n)  # (B*m,)
         self.grad_v.view(B * n, -1).index_add_(0, flat, gv.reshape(B * m, -1))
         self.grad_k.view(B * n, -1).index_add_(0, flat, gk.reshape(B * m, -1))
-        self.touched[rel[keep]] = True
+        self.touched[rel[touched]] = True
 
     def is_touched(self, lo: int, hi: int) -> bool:
         """Did any memory with id in ``[lo, hi)`` receive credit?"""

@@ -148,20 +148,23 @@ def test_input_gradient_flows_to_an_embedding():
     torch.testing.assert_close(out["sparse"], out["reference"], rtol=1e-10, atol=1e-12)
 
 
-def test_loss_at_the_end_skips_blocks():
+@pytest.mark.parametrize("k_trunc,k_top,k_att", [(3, 1, 3), (4, 2, 3), (5, 3, 2)])
+def test_loss_at_the_end_skips_blocks(k_trunc, k_top, k_att):
     """Only blocks that hold the loss or credited memories are recomputed, and they are exactly
-    the blocks in which the reference engine's backward sends non-zero credit to the input."""
+    the blocks in which the reference engine's backward sends non-zero credit to the input.
+    Where memories are written inside blocks (k_att not a multiple of k_trunc), a recomputed
+    block's steps after its memory get no credit, and what they read must not count."""
     T, B = 60, 1
-    layer = make_sab(2, 4, k_trunc=3, k_top=1, k_att=3, seed=11)
+    layer = make_sab(2, 4, k_trunc=k_trunc, k_top=k_top, k_att=k_att, seed=11)
     x = torch.randn(T, B, 2, dtype=torch.float64)
     r = torch.randn(T, B, 4, dtype=torch.float64)
     res, _ = run(layer, "sparse", x, last_step_loss(r, T))
     xg = x.clone().requires_grad_()
     out, _, (rec,) = layer(xg, return_attention=True)
     (out[-1] * r[-1]).sum().backward()
-    blocks_with_credit = {t // 3 for t in range(T) if xg.grad[t].abs().sum() > 0}
-    assert res.stats["steps_backpropagated"] == 3 * len(blocks_with_credit)
-    assert res.stats["blocks_skipped"] == T // 3 - len(blocks_with_credit)
+    blocks_with_credit = {t // k_trunc for t in range(T) if xg.grad[t].abs().sum() > 0}
+    assert res.stats["steps_backpropagated"] == k_trunc * len(blocks_with_credit)
+    assert res.stats["blocks_skipped"] == T // k_trunc - len(blocks_with_credit)
 
 
 def test_sparse_engine_rejects_baselines_and_batch_first():
@@ -200,3 +203,22 @@ def test_dropout_between_layers():
     layer.train()
     res, g_train = run(layer, "sparse", x, every_step_loss(r))
     assert torch.isfinite(res.loss) and all(torch.isfinite(g).all() for g in g_train.values())
+
+
+def test_zero_credit_marks_no_memory_for_a_visit():
+    """The sparse engine recomputes a memory's block only if the memory got credit: a read at a
+    step no credit reached (after a recomputed block's memory) or of a memory with zero weight
+    (its score tied with δ) sends exact zeros, which touch nothing."""
+    from sab.memory import _Graph
+    graph = _Graph(first_id=10)
+    graph.n_ids = 5
+    ids = torch.tensor([[10, 11, 12], [13, 9, 10]])  # (B=2, m=3); 9 came in detached
+    gv, gk = torch.zeros(2, 3, 4), torch.zeros(2, 3, 2)
+    gv[0, 1, 2] = 0.5  # memory 11: value credit
+    gk[1, 0, 1] = -1e-30  # memory 13: key credit, however small
+    gv[1, 1] = 1.0  # memory 9: not in the graph
+    graph.accumulate(ids, gv, gk)
+    assert graph.touched.tolist() == [False, True, False, True, False]
+    assert not graph.is_touched(10, 11) and graph.is_touched(11, 12)
+    gv2, _ = graph.take(11)
+    assert float(gv2[0, 2]) == 0.5 and graph.take(10) == (None, None)
