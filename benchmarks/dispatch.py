@@ -4,8 +4,8 @@ and from C++.
 The LSTM pointwise backward (``sab.cell.pointwise_backward``, 19 tensor operations on (B, 4H)
 and (B, H) tensors) is compiled as a C++ function with ``torch.utils.cpp_extension.load_inline``
 (the same ATen calls in the same order: the results are compared bit for bit) and both versions
-are timed per call.  The difference, per operation, is what a C++ loop over a chunk's steps
-would save on each of the ~200 operations a SAB step dispatches (README, Performance).  Needs a
+are timed per call.  The difference, per operation, is what ``sab.native``'s step functions
+save on each of the ~200 operations a SAB time step dispatches (README, Performance).  Needs a
 C++ compiler; the first run compiles for about a minute (cached under
 ``~/.cache/torch_extensions``).
 
