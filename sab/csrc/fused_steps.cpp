@@ -58,8 +58,8 @@ Tensor tiled_scores(const Tensor& like, const Tensor& v, int64_t tile, Tensor& s
   return scores;
 }
 
-// sab.scorer._tile: batch rows [lo, hi) (the whole batch when the ranking is one tile: the
-// same values, a slice of all rows)
+// sab.scorer._tile: batch rows [lo, hi) (for one tile, all rows: the same values as the
+// unsliced tensor)
 Tensor rows_of(const Tensor& x, int64_t lo, int64_t hi) { return x.slice(0, lo, hi); }
 
 // rows [lo, hi) of the (B·n) scores of rational_scores; the pragma lets the compiler
