@@ -20,16 +20,16 @@ CONFIGS = [
 ]
 
 
-def run(kw, fast, chunks, carry_graph, seed):
+def run(kw, fast, chunks, carry_graph, seed, dtype=torch.float64):
     """Outputs, summaries, records and parameter gradients of a layer run over ``chunks``
     (lengths) with the state carried — with its graph (one backward over every chunk) or
     detached between chunks."""
     torch.manual_seed(seed)
-    layer = sab.SABLSTM(3, 5, **kw).double()
+    layer = sab.SABLSTM(3, 5, **kw).to(dtype)
     layer.fast_path = fast
     g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(sum(chunks), 2, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    r = torch.randn(sum(chunks), 2, 5, dtype=torch.float64, generator=g)
+    x = torch.randn(sum(chunks), 2, 3, dtype=dtype, generator=g, requires_grad=True)
+    r = torch.randn(sum(chunks), 2, 5, dtype=dtype, generator=g)
     state, outs, recs, t0 = None, [], [], 0
     for n in chunks:
         out, state, rec = layer(x[t0:t0 + n], state, return_attention=True)

@@ -12,7 +12,7 @@ from sab.engines import forward_backward
 
 from conftest import param_grads
 
-from test_fused import CONFIGS
+from test_fused import CONFIGS, run
 
 if shutil.which("c++") is None and shutil.which("g++") is None:  # pragma: no cover
     pytest.skip("no C++ compiler: sab.fused runs its Python steps", allow_module_level=True)
@@ -41,33 +41,24 @@ def test_a_failed_build_falls_back_to_the_python_steps(monkeypatch):
     assert torch.isfinite(layer.scorers[0].v.grad).all()
 
 
-def _train(kw, on, chunks=(7, 10), engine="reference", seed=0, carry_graph=False):
+def _sparse_engine(kw, on, chunks=(7, 10), seed=0):
+    """Losses and parameter gradients of the sparse engine over ``chunks``, state and memory
+    carried (detached)."""
     with native.enabled(steps=on):
         torch.manual_seed(seed)
         layer = sab.SABLSTM(3, 6, **kw)
         g = torch.Generator().manual_seed(seed + 1)
         x = torch.randn(sum(chunks), 2, 3, generator=g)
         r = torch.randn(sum(chunks), 2, 6, generator=g)
-        state, outs, recs, t0, loss = None, [], [], 0, 0
-        for n in chunks:  # state and memory carried into the next chunk, detached
-            if engine == "sparse":
-                res = forward_backward(layer, x[t0:t0 + n],
-                                       lambda a, b, o, s, t0=t0: ((o + s) * r[t0 + a:t0 + b]).sum(),
-                                       state, engine="sparse")
-                state = res.state
-                outs.append(res.loss.detach().reshape(1))
-            else:
-                out, state, rec = layer(x[t0:t0 + n], state, return_attention=True)
-                loss = loss + ((out + 0.5 * rec[-1].summary) * r[t0:t0 + n]).sum()
-                outs.append(out.detach())
-                recs += rec
-                if not carry_graph:  # one backward per chunk; else one over both
-                    loss.backward()
-                    state, loss = state.detach(), 0
+        state, losses, t0 = None, [], 0
+        for n in chunks:
+            res = forward_backward(layer, x[t0:t0 + n],
+                                   lambda a, b, o, s, t0=t0: ((o + s) * r[t0 + a:t0 + b]).sum(),
+                                   state, engine="sparse")
+            state = res.state
+            losses.append(res.loss.detach())
             t0 += n
-        if carry_graph:
-            loss.backward()
-        return torch.cat(outs), recs, param_grads(layer)
+        return torch.stack(losses), param_grads(layer)
 
 
 @pytest.mark.parametrize("kw", CONFIGS + [dict(k_trunc=4, k_top=3, k_att=2, max_memories=5,
@@ -80,12 +71,15 @@ def test_training_is_bit_identical(kw, carry_graph, monkeypatch):
         fn = getattr(sab.fused, name)
         monkeypatch.setattr(sab.fused, name,
                             lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
-    out_n, recs_n, grads_n = _train(kw, True, carry_graph=carry_graph)
-    assert set(calls) == {"_attend_native", "_read_backward_native"}  # sparse reads, natively
-    calls.clear()
-    out_p, recs_p, grads_p = _train(kw, False, carry_graph=carry_graph)
-    assert not calls
-    assert torch.equal(out_n, out_p)
+    results = {}
+    for on in (True, False):
+        calls.clear()
+        with native.enabled(steps=on):  # the one-node layer in float32, native or Python steps
+            results[on] = run(kw, True, (7, 10), carry_graph, seed=0, dtype=torch.float32)
+        # sparse reads went through the C++ functions, or none did
+        assert set(calls) == ({"_attend_native", "_read_backward_native"} if on else set())
+    (out_n, recs_n, grads_n, gx_n), (out_p, recs_p, grads_p, gx_p) = results[True], results[False]
+    assert torch.equal(out_n, out_p) and torch.equal(gx_n, gx_p)
     for a, b in zip(recs_n, recs_p):
         for f in ("summary", "weights", "indices", "memory_steps"):
             assert torch.equal(getattr(a, f), getattr(b, f)), f
@@ -96,8 +90,8 @@ def test_training_is_bit_identical(kw, carry_graph, monkeypatch):
 @pytest.mark.parametrize("kw", [CONFIGS[4], CONFIGS[5], dict(k_trunc=3, k_top=2, k_att=1)])
 def test_the_sparse_engine_is_bit_identical(kw):
     """Its graph-free forward (logging the rankings) and its recomputations (replaying them)."""
-    loss_n, _, grads_n = _train(kw, True, engine="sparse")
-    loss_p, _, grads_p = _train(kw, False, engine="sparse")
+    loss_n, grads_n = _sparse_engine(kw, True)
+    loss_p, grads_p = _sparse_engine(kw, False)
     assert torch.equal(loss_n, loss_p)
     for name in grads_p:
         assert torch.equal(grads_n[name], grads_p[name]), name
