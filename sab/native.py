@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
@@ -38,6 +39,7 @@ __all__ = ["kernels", "enabled", "available"]
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_steps.cpp"
 _ON = os.environ.get("SAB_NATIVE", "1") != "0"
+_STALE_LOCK_S = 600  # a build takes about a minute; a lock this old belongs to a dead one
 _STATE = {"module": None, "tried": False, "steps": _ON, "ranking": _ON}
 
 # compiler flags per instruction set PyTorch detects (torch.backends.cpu.get_cpu_capability):
@@ -76,6 +78,10 @@ def _load():
         user = os.getuid() if hasattr(os, "getuid") else "user"
         build = Path(tempfile.gettempdir()) / f"sab-{user}" / build.name
         build.mkdir(parents=True, exist_ok=True)
+    lock = build / "lock"  # torch's build lock: left behind by a build that was killed, it
+    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:  # blocks forever
+        warnings.warn(f"sab: removing a stale build lock {lock} (a build was interrupted)")
+        lock.unlink(missing_ok=True)
     if not any(build.glob("*.so")):
         print(f"sab: compiling the C++ step functions (once, about a minute) into {build}",
               file=sys.stderr, flush=True)

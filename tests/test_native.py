@@ -41,6 +41,25 @@ def test_a_failed_build_falls_back_to_the_python_steps(monkeypatch):
     assert torch.isfinite(layer.scorers[0].v.grad).all()
 
 
+def test_a_stale_build_lock_is_removed(tmp_path, monkeypatch):
+    """A build killed while compiling leaves torch's lock file, and the next build would wait
+    on it forever: a lock older than any build is removed (with a warning) before loading."""
+    import os
+    import time
+    monkeypatch.setenv("SAB_NATIVE_DIR", str(tmp_path))
+    build = native._build_dir()
+    build.mkdir(parents=True)
+    lock = build / "lock"
+    lock.write_text("")
+    old = time.time() - 2 * native._STALE_LOCK_S
+    os.utime(lock, (old, old))
+    loaded = []
+    monkeypatch.setattr("torch.utils.cpp_extension.load", lambda *a, **k: loaded.append(k))
+    with pytest.warns(UserWarning, match="stale build lock"):
+        native._load()
+    assert not lock.exists() and loaded[0]["build_directory"] == str(build)
+
+
 def _sparse_engine(kw, on, chunks=(7, 10), seed=0):
     """Losses and parameter gradients of the sparse engine over ``chunks``, state and memory
     carried (detached)."""
