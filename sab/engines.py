@@ -10,7 +10,10 @@ Every engine has the same signature, so the trainer uses any of them for every t
   (the summary is zeros for models without memory).  It returns a scalar tensor, or ``None`` when
   those steps carry no loss.  The chunk's loss is the *sum* over the calls: normalise inside
   (e.g. divide a cross-entropy sum by ``T·B``).  An engine may call it once for the whole chunk
-  (reference) or once per block (sparse), so it must be additive over step ranges.
+  (reference) or once per block (sparse), so it must be additive over step ranges.  An optional
+  attribute ``loss_fn.loss_steps`` lists the steps that carry a loss (e.g. the last one): the
+  sparse engine then skips blocks without one, and recomputes a block only up to its last loss
+  step or its last memory with credit (credit flows back in time only).
 * The engine calls backward itself: gradients are *accumulated* into ``.grad`` of the parameters.
 * Returns an :class:`EngineResult`: the loss value, the state for the next chunk (detached:
   backward has run), the attention records when asked, and counters of the work done.
@@ -101,6 +104,23 @@ def _block_has_loss(loss_fn, start: int, stop: int) -> bool:
     return any(start <= t < stop for t in steps)
 
 
+def _credited_stop(start: int, stop: int, loss_last: int, graph: Optional[_Graph],
+                   store: Optional[MemoryBank], lo_id: int, hi_id: int, step0: int) -> int:
+    """One past the last step of block [start, stop) that credit enters at: ``loss_last`` (its
+    last step with a loss, or -1) or the write step of its last memory with credit (ids in
+    [lo_id, hi_id)).  The recurrent path is cut at the block's start and credit only flows
+    back in time, so the steps after it get none: they are not recomputed."""
+    last = loss_last
+    if graph is not None and graph.touched is not None and hi_id > lo_id:
+        rows = graph.touched[max(lo_id - graph.first_id, 0): max(hi_id - graph.first_id, 0)]
+        hit = rows.nonzero()
+        if hit.numel():
+            mem_id = max(lo_id, graph.first_id) + int(hit[-1])  # the latest with credit
+            slot = mem_id - (store.next_id - (store.head + store.count))  # linear store
+            last = max(last, int(store.slot_steps[slot]) - step0)
+    return min(stop, last + 1)
+
+
 def _linear_store(layer, l: int, carried, T: int, B: int, like: Tensor):
     """An append-only bank holding the carried memories (oldest first) and room for the chunk."""
     n_carried = 0 if carried is None else len(carried)
@@ -182,12 +202,19 @@ def sparse(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
             start = bnd.t
             if l == L - 1:
                 has_loss = _block_has_loss(loss_fn, start, stop)
+                loss_steps = getattr(loss_fn, "loss_steps", None)
+                loss_last = -1 if not has_loss else stop - 1 if loss_steps is None else \
+                    max(t for t in loss_steps if start <= t < stop)
             else:
-                has_loss = bool(grad_out[start:stop].any())
+                with_grad = grad_out[start:stop].flatten(1).any(1).nonzero()
+                has_loss = bool(with_grad.numel())
+                loss_last = start + int(with_grad[-1]) if has_loss else -1
             has_credit = graph is not None and graph.is_touched(bnd.next_id, end_id)
             if not (has_loss or has_credit):
                 skipped += 1
                 continue
+            stop = _credited_stop(start, stop, loss_last, graph, store, bnd.next_id, end_id,
+                                  st.step)
             visited += stop - start
             with torch.enable_grad():
                 inp = plan.inputs[start:stop].detach().requires_grad_(want_in)
