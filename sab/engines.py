@@ -73,8 +73,10 @@ def reference(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
 #   loss in it?  or  credit waiting for a memory written in it?  ── neither ──> skip the block
 #        │ yes
 #        ▼
-#   recompute the block with a graph, from its boundary; the bank is a window onto the store, and
-#   its gradient accumulators are the engine's own (one row per memory of the chunk):
+#   recompute the block with a graph, from its boundary up to the last step credit enters at (its
+#   last loss step or its last memory with credit: later steps get none); the bank is a window
+#   onto the store, and its gradient accumulators are the engine's own (one row per memory of
+#   the chunk):
 #     · reads of earlier memories add credit to their rows (injected when their block comes),
 #     · each memory written in the block collects its row — credit from later blocks and from
 #       this one — when autograd reaches its write (the token chain of sab.memory).
