@@ -8,7 +8,7 @@ import platform
 import resource
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .layer import RecurrentLayerBase, SABLSTM, _check_int
-from .state import AttentionRecord, RecurrentState
+from .state import AttentionRecord
 
 __all__ = ["LSTM", "TBPTTLSTM", "SelfAttnLSTM"]
 

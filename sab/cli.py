@@ -24,7 +24,6 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import List, Optional
 

@@ -427,7 +427,6 @@ def _read_backward(ctx, r: _Read, ds: Tensor, w_k: Tensor, v: Tensor, g_query: T
     """Backward of one step's attention ``s = Σ w_i m_i`` given ``∂L/∂s`` (B, H): credit to the
     read memories (``w_i ∂L/∂s`` and their keys' gradient), the query's gradient into
     ``g_query`` (B, d); returns ``∂L/∂v`` of this step."""
-    cfg = ctx.cfg
     # ∂L/∂w_i = m_i·ds; a product and a sum, not bmm: 64 one-row products cost 4× more here
     dw = (r.values * ds.unsqueeze(1)).sum(-1)  # (B, m)
     g_values = r.weights.unsqueeze(-1) * ds.unsqueeze(1)  # (B, m, H)

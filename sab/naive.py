@@ -25,7 +25,6 @@ def _scores(layer_module, l: int, h_hat: Tensor, mems: Tensor) -> Tensor:
     scorer = layer_module.scorers[l]
     if layer_module.scorer_name == "release":
         w = scorer.linear.weight[0]  # (2H,)
-        H = h_hat.shape[-1]
         both = torch.cat([h_hat.unsqueeze(1).expand_as(mems), mems], dim=-1)  # (B, n, 2H)
         return torch.tanh(both) @ w + scorer.linear.bias  # (B, n)
     q = h_hat @ scorer.query_proj.weight.t() + scorer.query_proj.bias  # (B, d)
