@@ -4,7 +4,6 @@ learns with both engines, an untrained model scores about log2(vocab) bits per c
 data root without the files gives the data layer's message."""
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

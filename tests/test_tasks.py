@@ -6,8 +6,7 @@ import torch
 
 import sab
 from sab.heads import SequenceModel
-from sab.tasks import (AddingTask, CopyingTask, SyntheticStream, adding_batch, build_task,
-                       copying_batch, encode_copying)
+from sab.tasks import CopyingTask, adding_batch, build_task, copying_batch, encode_copying
 
 
 def gen(seed=0):
