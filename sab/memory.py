@@ -72,9 +72,9 @@ class _Graph:
 
     def accumulate(self, ids: Tensor, gv: Tensor, gk: Tensor) -> None:
         """Add ``gv`` (B, m, H) and ``gk`` (B, m, d_k) into the rows of memories ``ids`` (B, m).
-        A memory counts as touched only where its credit is not exactly zero: a read at a step
-        that no credit reached (after the last loss or memory of a recomputed block) sends zeros,
-        and its memories' blocks need no visit."""
+        A memory counts as touched only where its credit is not exactly zero (a memory read
+        with zero weight — its score tied with δ — or by a step that no credit reached gets
+        zeros): the sparse engine need not visit its block."""
         self._ensure(gv, gk)
         B, m = ids.shape
         rel = ids - self.first_id  # (B, m)
