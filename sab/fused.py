@@ -30,8 +30,8 @@ there.
 
 Each step's tensor work — the LSTM step and its backward, a sparse read and its backward — runs
 as one call into ``sab.native``'s C++ where that is built (the same ATen operations in the same
-order: bit-identical, ``tests/test_native.py``; Python's dispatch cost a third of a T=100 step),
-and as the Python below otherwise.  The loop, the bank's bookkeeping and the routing of credit
+order: bit-identical, ``tests/test_native.py``; Python's dispatch cost up to a third of a T=100
+step), and as the Python below otherwise.  The loop, the bank's bookkeeping and the routing of credit
 to carried memories stay here.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """C++ for the hot loops: the one-node layer's steps (``sab.fused``) and the MLP ranking.
 
-A SAB time step dispatches about 200 tensor operations, and called from Python each costs about
-3 µs more than the same call from C++ (``python -m benchmarks.dispatch``): at T=100 that is a
+A SAB time step dispatches about 200 tensor operations, and called from Python each costs
+1–3 µs more than the same call from C++ (``python -m benchmarks.dispatch``): at T=100 up to a
 third of the step.  ``csrc/fused_steps.cpp`` holds the step's pieces — the LSTM step and its
 backward, a sparse read (ranking, gather, threshold, summary) and its backward with the credit
 to the chunk's memories — each making the same ATen calls, in the same order, as the Python it

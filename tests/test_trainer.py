@@ -240,7 +240,7 @@ def test_step_time_benchmark_reports_ratios_within_rounds(tmp_path):
 
 @pytest.mark.slow
 def test_dispatch_benchmark_compares_bit_identical_versions(tmp_path):
-    """benchmarks/dispatch.py (compiles a C++ extension, about a minute the first time): the C++
+    """benchmarks/dispatch.py (sab.native, compiled about a minute the first time): the C++
     version of the LSTM pointwise backward returns exactly what the Python one does."""
     from benchmarks import dispatch
 

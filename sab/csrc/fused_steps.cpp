@@ -2,7 +2,7 @@
 //
 // Each step function makes the same ATen calls, with the same arguments and in the same order,
 // as the Python it replaces (named above each function), so the results are equal bit for bit
-// (tests/test_native.py).  What it saves is Python's cost per tensor operation (about 3 µs:
+// (tests/test_native.py).  What it saves is Python's cost per tensor operation (1–3 µs:
 // python -m benchmarks.dispatch) on the ~200 operations of a SAB time step; the loop over
 // time, the memory bank's bookkeeping and the credit routing through autograd stay in Python.
 //
@@ -144,14 +144,14 @@ std::vector<Tensor> lstm_step(const Tensor& xp, const Tensor& h, const Tensor& w
   return {act, a[3] * tc, c, tc};
 }
 
-// sab.fused._forward, the LSTM step's backward: sab.cell.pointwise_backward into ``dgates``,
-// then the gradient of the state entering the step (zeros after a truncation point ``cut``):
-// (∂L/∂h (B, H), ∂L/∂c (B, H))
-std::vector<Tensor> lstm_step_backward(const Tensor& gh, const Tensor& gc, const Tensor& act,
-                                       const Tensor& c_prev, const Tensor& tc, Tensor dgates,
-                                       const Tensor& w_hh, bool cut) {
+namespace {
+
+// sab.cell.pointwise_backward up to ∂L/∂c(t): ∂L/∂gates into ``dgates``; returns ∂L/∂c(t)
+// (B, H), which ∂L/∂c(t−1) is σ(f) times
+Tensor pointwise_grads(const Tensor& gh, const Tensor& gc, const Tensor& act,
+                       const Tensor& c_prev, const Tensor& tc, Tensor& dgates) {
   const int64_t H = c_prev.size(1);
-  auto a = act.split(H, 1);
+  auto a = act.split(H, 1);  // σ(i), σ(f), tanh(g), σ(o)
   Tensor deriv = (1 - act).mul_(act);
   Tensor dg_deriv = deriv.narrow(1, 2 * H, H);
   at::mul_out(dg_deriv, a[2], a[2]).neg_().add_(1);
@@ -163,8 +163,33 @@ std::vector<Tensor> lstm_step_backward(const Tensor& gh, const Tensor& gc, const
   at::mul_out(d[2], dc, a[0]);
   at::mul_out(d[3], gh, tc);
   dgates.mul_(deriv);
+  return dc;
+}
+
+Tensor forget_gate(const Tensor& act) {  // σ(f), the second quarter of the activations
+  const int64_t H = act.size(1) / 4;
+  return act.narrow(1, H, H);
+}
+
+}  // namespace
+
+// sab.cell.pointwise_backward: (∂L/∂gates (B, 4H) in ``dgates``, ∂L/∂c_prev (B, H)); also
+// what python -m benchmarks.dispatch times against the Python version
+std::vector<Tensor> pointwise_backward(const Tensor& gh, const Tensor& gc, const Tensor& act,
+                                       const Tensor& c_prev, const Tensor& tc, Tensor dgates) {
+  Tensor dc = pointwise_grads(gh, gc, act, c_prev, tc, dgates);
+  return {dgates, dc * forget_gate(act)};
+}
+
+// sab.fused._forward, the LSTM step's backward: sab.cell.pointwise_backward into ``dgates``,
+// then the gradient of the state entering the step (zeros after a truncation point ``cut``):
+// (∂L/∂h (B, H), ∂L/∂c (B, H))
+std::vector<Tensor> lstm_step_backward(const Tensor& gh, const Tensor& gc, const Tensor& act,
+                                       const Tensor& c_prev, const Tensor& tc, Tensor dgates,
+                                       const Tensor& w_hh, bool cut) {
+  Tensor dc = pointwise_grads(gh, gc, act, c_prev, tc, dgates);
   if (cut) return {at::zeros_like(gh), at::zeros_like(dc)};
-  return {at::matmul(dgates, w_hh), dc * a[1]};
+  return {at::matmul(dgates, w_hh), dc * forget_gate(act)};
 }
 
 // sab.fused._attend for a sparse read (n > k_top) of the MLP scorer: the query, the ranking
@@ -276,6 +301,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rational_scores", &rational_scores);
   m.def("rank", &rank);
   m.def("lstm_step", &lstm_step);
+  m.def("pointwise_backward", &pointwise_backward);
   m.def("lstm_step_backward", &lstm_step_backward);
   m.def("attend_sparse", &attend_sparse);
   m.def("read_backward_sparse", &read_backward_sparse);
