@@ -14,6 +14,7 @@ is written, and cached in the bank — SPEC §2.3), a *query* that depends on ĥ
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -32,6 +33,7 @@ __all__ = ["MLPScorer", "DotScorer", "ReleaseScorer", "make_scorer", "SCORERS"]
 RANK_TILE = 2 ** 19
 
 
+@functools.lru_cache(maxsize=None)
 def rational_limit(dtype: torch.dtype) -> float:
     """The largest |q|, |k| the rational ranking takes in ``dtype``: every factor e^{±2q},
     e^{±2k} stays a normal number (their product may still overflow or underflow: that gives σ
