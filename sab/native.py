@@ -35,7 +35,7 @@ from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["kernels", "enabled", "available"]
+__all__ = ["kernels", "enabled"]
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_steps.cpp"
 _ON = os.environ.get("SAB_NATIVE", "1") != "0"
@@ -122,7 +122,3 @@ def enabled(steps: Optional[bool] = None, ranking: Optional[bool] = None) -> Ite
     finally:
         _STATE["steps"], _STATE["ranking"] = before["steps"], before["ranking"]
 
-
-def available() -> bool:
-    """Whether the C++ step functions are in use (building them if not tried yet)."""
-    return kernels() is not None
