@@ -29,9 +29,9 @@ When the chunk comes with a carried graph, that graph has rows for this chunk's 
 there.
 
 Each step's tensor work — the LSTM step and its backward, a sparse read and its backward — runs
-as one call into ``sab.native``'s C++ where that is built (the same ATen operations in the same
-order: bit-identical, ``tests/test_native.py``; Python's dispatch cost up to a third of a T=100
-step), and as the Python below otherwise.  The loop, the bank's bookkeeping and the routing of credit
+as one call into ``sab.native``'s C++ where that is built (the LSTM step bit-identical to the
+Python below, the sparse read a loop of its own equal to it to rounding, ``tests/test_native.py``;
+Python's dispatch cost was up to a third of a T=100 step), and as the Python below otherwise.  The loop, the bank's bookkeeping and the routing of credit
 to carried memories stay here.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ from torch.autograd import Function
 
 from . import native
 from .cell import Selection, cell_update, gate_activations_, pointwise_backward, rank_memories
-from .memory import MemoryBank, _flat_rows, _Graph, _row_offsets
+from .memory import MemoryBank, _flat_rows, _Graph
 from .scorer import RANK_TILE, MLPScorer, mlp_scores_grad, rational_limit
 from .sparsifier import threshold_delta_grad, threshold_forward, threshold_grad
 from .state import AttentionRecord
@@ -272,8 +272,6 @@ class _FusedLayer(Function):
         later = ctx.later  # later chunks' reads of these memories
         reads = {r.t: r for r in ctx.reads}
         K = cfg.native
-        # rows of the chunk-local buffer's (B·n_local, H + d) view: where batch element b starts
-        offsets = _row_offsets(B, max(n_local, 1), d_out.device)
         dh_next = torch.zeros_like(d_out[0])
         dc = d_c
         for t in range(T - 1, -1, -1):
@@ -298,7 +296,7 @@ class _FusedLayer(Function):
                 ds = dh + d_summary[t]
                 if K is not None and not r.dense:
                     _read_backward_native(ctx, K, r, ds, w_k, v, g_query[t], g_v, key_rows,
-                                          local_flat, offsets)
+                                          local_flat)
                 else:
                     g_v += _read_backward(ctx, r, ds, w_k, v, g_query[t], key_rows, local_flat)
                 if not blocked:  # the query W_q ĥ(t) + b
@@ -393,9 +391,8 @@ def _attend_native(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor
     replay = (None, None) if logged is None else (logged[0], logged[1])
     (query, top, ranked, values, keys, ids, weights, shifted, denom, m_delta,
      delta_ids) = cfg.native.attend_sparse(
-        h_hat, w_q, b_q, scorer.v, bank.values, bank.keys, bank.slot_ids, cache,
-        _row_offsets(h_hat.shape[0], bank.values.shape[1], h_hat.device), start, stop, k_top,
-        cfg.eps, cfg.delta_grad, rational_limit(h_hat.dtype), RANK_TILE, *replay, s)
+        h_hat, w_q, b_q, scorer.v, bank.values, bank.keys, bank.slot_ids, cache, start, stop,
+        k_top, cfg.eps, cfg.delta_grad, rational_limit(h_hat.dtype), RANK_TILE, *replay, s)
     if cfg.log is not None:
         cfg.log.add_selection(Selection(top, ranked))
     steps = bank.slot_steps[ranked[:, :k_top]] if cfg.record else None
@@ -404,14 +401,14 @@ def _attend_native(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor
 
 
 def _read_backward_native(ctx, K, r: _Read, ds: Tensor, w_k: Tensor, v: Tensor,
-                          g_query: Tensor, g_v: Tensor, key_rows: list, local: Optional[Tensor],
-                          offsets: Tensor) -> None:
+                          g_query: Tensor, g_v: Tensor, key_rows: list,
+                          local: Optional[Tensor]) -> None:
     """:func:`_read_backward` of a sparse read through the C++ step function (which adds
     ``∂L/∂v`` into ``g_v`` and the credit of this chunk's memories into ``local``); the
     credit of memories carried in with a graph, and δ's key rows, are routed here."""
     g_values, g_keys, old = K.read_backward_sparse(
         ds, r.values, r.keys, r.weights, r.shifted, r.denom, r.query, v, w_k, r.m_delta, g_query,
-        g_v, r.ids, r.delta_ids, local, offsets, ctx.first, ctx.n_local)
+        g_v, r.ids, r.delta_ids, local, ctx.first, ctx.n_local)
     m = r.ids.shape[1]
     if ctx.carried:
         ctx.graph.accumulate(r.ids, g_values, g_keys[:, :m])

@@ -3,15 +3,20 @@
 A SAB time step dispatches about 200 tensor operations, and called from Python each costs
 1–3 µs more than the same call from C++ (``python -m benchmarks.dispatch``): at T=100 up to a
 third of the step.  ``csrc/fused_steps.cpp`` holds the step's pieces — the LSTM step and its
-backward, a sparse read (ranking, gather, threshold, summary) and its backward with the credit
-to the chunk's memories — each making the same ATen calls, in the same order, as the Python it
-replaces, so that both give the same numbers bit for bit (``tests/test_native.py``).  The loop
-over time, the memory bank's bookkeeping and the autograd routing stay in Python.
+backward (the same ATen calls, in the same order, as the Python they replace: the same numbers
+bit for bit), and a sparse read (ranking, gather, threshold, summary) and its backward with the
+credit to the chunk's memories, written as loops over the batch rows (their ~15 and ~30 ATen
+operations on a few hundred elements each cost more in ATen's per-operation overhead than in
+arithmetic): equal to the Python steps to rounding, with the same memories selected
+(``tests/test_native.py``).  Every path that reads through them — training, evaluation, the
+sparse engine's forward and its recomputations — runs the same code.  The loop over time, the
+memory bank's bookkeeping and the autograd routing stay in Python.  Built with ``-fopenmp``
+where PyTorch uses OpenMP, the loops over the batch are threaded as PyTorch's operations are.
 
 It also holds the MLP scorer's ranking kernel (``rational_scores``, used by
-``sab.scorer.MLPScorer.rank`` on every path, so that the paths stay bit-identical to each
-other): one pass over the bank's cached keys instead of three ATen passes, the dominant cost
-at long T.  It sums in its own order, so without it (the fallback) scores differ in rounding.
+``sab.scorer.MLPScorer.rank`` on every path, so that every path selects the same memories):
+one pass over the bank's cached keys instead of three ATen passes, the dominant cost at long
+T.  It sums in its own order, so without it (the fallback) scores differ in rounding.
 
 The source is compiled with ``torch.utils.cpp_extension`` the first time a process needs it
 (about a minute, with the C++ compiler PyTorch finds, vectorised for the instruction set
@@ -56,8 +61,19 @@ def _capability() -> str:
         return "DEFAULT"
 
 
+def _openmp_flags() -> list:
+    """``-fopenmp`` where PyTorch runs its threads on OpenMP (its Linux builds): ATen's
+    ``at::parallel_for`` in the kernels is then threaded like PyTorch's own operations (compiled
+    without it, it runs serially).  Not linked: the OpenMP runtime is the one libtorch loads."""
+    return ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
+
+
+def _flags() -> list:
+    return ["-O3", "-fopenmp-simd"] + _ISA_FLAGS.get(_capability(), []) + _openmp_flags()
+
+
 def _build_dir() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags()).encode()).hexdigest()[:12]
     root = Path(os.environ.get("SAB_NATIVE_DIR", Path.home() / ".cache" / "sab"))
     return root / f"native-{torch.__version__}-{_capability()}-{digest}"
 
@@ -85,8 +101,7 @@ def _load():
     if not any(build.glob("*.so")):
         print(f"sab: compiling the C++ step functions (once, about a minute) into {build}",
               file=sys.stderr, flush=True)
-    flags = ["-O3", "-fopenmp-simd"] + _ISA_FLAGS.get(_capability(), [])
-    return load("sab_fused_steps", [str(SOURCE)], extra_cflags=flags, build_directory=str(build),
+    return load("sab_fused_steps", [str(SOURCE)], extra_cflags=_flags(), build_directory=str(build),
                 verbose=False)
 
 
@@ -102,7 +117,8 @@ def kernels(part: str = "steps"):
             _STATE["module"] = _load()
         except Exception as e:  # no compiler, headers missing, ...: the Python steps still run
             lines = str(e).strip().splitlines() or [type(e).__name__]
-            why = next((x for x in lines if "error" in x.lower()), lines[-1]).strip()
+            why = next((x for x in lines if ": error" in x.lower()),  # the compiler's line
+                       next((x for x in lines if "error" in x.lower()), lines[-1])).strip()
             warnings.warn(f"sab: the C++ step functions did not build ({why}); sab.fused runs "
                           "its Python steps and the scorer ranks with ATen operations (the "
                           "same results to rounding, slower)")

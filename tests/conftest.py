@@ -21,6 +21,14 @@ def rng():
     return torch.Generator().manual_seed(1234)
 
 
+def assert_forward_close(got, want, rel=1e-12, msg=None):
+    """Forward values (outputs, summaries, weights, states) of two implementations of the same
+    steps that sum in different orders (the C++ sparse read against the Python one): equal to
+    float64 rounding, ``rel`` of the tensor's scale."""
+    scale = max(1.0, float(want.detach().abs().max())) if want.numel() else 1.0
+    torch.testing.assert_close(got, want, rtol=rel, atol=rel * scale, msg=msg)
+
+
 def assert_grads_close(got, want, rel=1e-10, msg=None):
     """Gradients equal to float64 rounding: every entry within ``rel`` of the tensor's scale
     (``rel · max(1, max|want|)``) and of itself.  An entrywise relative test alone is too strict

@@ -1,12 +1,14 @@
 """The reference engine's fast path (``sab.fused``) computes what the generic per-step graph
-computes: the same forward bit for bit, the same gradients to float64 rounding."""
+computes: the same selections, the same forward and gradients to float64 rounding (its C++
+sparse read sums in its own order; with ``SAB_NATIVE=0`` the forwards are equal bit for bit,
+``tests/test_native.py``)."""
 import pytest
 import torch
 
 import sab
 from sab.engines import forward_backward
 
-from conftest import assert_grads_close, param_grads
+from conftest import assert_forward_close, assert_grads_close, param_grads
 
 CONFIGS = [
     dict(k_trunc=3, k_top=2, k_att=1),  # SPEC §3's credit: scores into ĥ and the memories
@@ -48,12 +50,12 @@ def test_fused_layer_equals_the_generic_graph(kw, chunks, carry_graph):
     seed = len(str(kw)) + len(chunks)
     out_f, recs_f, grads_f, gx_f = run(kw, True, chunks, carry_graph, seed)
     out_g, recs_g, grads_g, gx_g = run(kw, False, chunks, carry_graph, seed)
-    assert torch.equal(out_f, out_g)  # the same operations on the same values
+    assert_forward_close(out_f, out_g)
     for a, b in zip(recs_f, recs_g):
-        assert torch.equal(a.summary, b.summary)
-        assert torch.equal(a.weights, b.weights)
-        assert torch.equal(a.indices, b.indices)
+        assert torch.equal(a.indices, b.indices)  # the same memories selected
         assert torch.equal(a.memory_steps, b.memory_steps)
+        assert_forward_close(a.summary, b.summary)
+        assert_forward_close(a.weights, b.weights)
     assert_grads_close(gx_f, gx_g)
     for name in grads_g:
         assert_grads_close(grads_f[name], grads_g[name], msg=name)
@@ -119,8 +121,9 @@ def test_the_sparse_engine_runs_its_blocks_through_the_one_node_layer(monkeypatc
 
 @pytest.mark.parametrize("kw", CONFIGS)
 def test_forward_without_autograd_equals_the_generic_loop(kw):
-    """Evaluation (no autograd) through ``fused_forward`` computes the generic loop's forward
-    bit for bit: outputs, records, the final state and memory, over two chunks."""
+    """Evaluation (no autograd) through ``fused_forward`` computes the generic loop's forward:
+    the same selections; outputs, records, the final state and memory to float64 rounding, over
+    two chunks."""
     results = {}
     for fast in (True, False):
         torch.manual_seed(5)
@@ -132,16 +135,20 @@ def test_forward_without_autograd_equals_the_generic_loop(kw):
             out2, st, rec2 = layer(x[6:], st, return_attention=True)
         results[fast] = (torch.cat([out1, out2]), rec1 + rec2, st)
     (out_f, recs_f, st_f), (out_g, recs_g, st_g) = results[True], results[False]
-    assert torch.equal(out_f, out_g)
+    assert_forward_close(out_f, out_g)
     for a, b in zip(recs_f, recs_g):
-        for f in ("summary", "weights", "indices", "memory_steps"):
+        for f in ("indices", "memory_steps"):
             assert torch.equal(getattr(a, f), getattr(b, f)), f
-    assert torch.equal(st_f.h, st_g.h) and torch.equal(st_f.c, st_g.c)
+        for f in ("summary", "weights"):
+            assert_forward_close(getattr(a, f), getattr(b, f), msg=f)
+    assert_forward_close(st_f.h, st_g.h)
+    assert_forward_close(st_f.c, st_g.c)
     for m_f, m_g in zip(st_f.memory, st_g.memory):
         if m_f is not None:
             a, b = m_f.chronological(), m_g.chronological()
-            assert torch.equal(a.values[:, :a.count], b.values[:, :b.count])
-            assert torch.equal(a.keys[:, :a.count], b.keys[:, :b.count])
+            assert a.count == b.count
+            assert_forward_close(a.values[:, :a.count], b.values[:, :b.count])
+            assert_forward_close(a.keys[:, :a.count], b.keys[:, :b.count])
 
 
 @pytest.mark.parametrize("kw", CONFIGS)

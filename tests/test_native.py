@@ -1,6 +1,8 @@
-"""The C++ step functions (``sab.native``) compute what ``sab.fused``'s Python steps compute,
-bit for bit: the same ATen operations in the same order.  Compared in float32 (where a changed
-operation order shows first) over training, evaluation and the sparse engine."""
+"""The C++ step functions (``sab.native``) compute what ``sab.fused``'s Python steps compute:
+the LSTM step and its backward bit for bit (the same ATen operations in the same order; compared
+in float32, where a changed order shows first), the sparse read and its backward (loops of their
+own) to float64 rounding with the same selections — over training, evaluation and the sparse
+engine."""
 import shutil
 
 import pytest
@@ -10,7 +12,7 @@ import sab
 from sab import native
 from sab.engines import forward_backward
 
-from conftest import param_grads
+from conftest import assert_forward_close, assert_grads_close, param_grads
 
 from test_fused import CONFIGS, run
 
@@ -60,15 +62,15 @@ def test_a_stale_build_lock_is_removed(tmp_path, monkeypatch):
     assert not lock.exists() and loaded[0]["build_directory"] == str(build)
 
 
-def _sparse_engine(kw, on, chunks=(7, 10), seed=0):
+def _sparse_engine(kw, on, chunks=(7, 10), seed=0, dtype=torch.float64):
     """Losses and parameter gradients of the sparse engine over ``chunks``, state and memory
     carried (detached)."""
     with native.enabled(steps=on):
         torch.manual_seed(seed)
-        layer = sab.SABLSTM(3, 6, **kw)
+        layer = sab.SABLSTM(3, 6, **kw).to(dtype)
         g = torch.Generator().manual_seed(seed + 1)
-        x = torch.randn(sum(chunks), 2, 3, generator=g)
-        r = torch.randn(sum(chunks), 2, 6, generator=g)
+        x = torch.randn(sum(chunks), 2, 3, generator=g, dtype=dtype)
+        r = torch.randn(sum(chunks), 2, 6, generator=g, dtype=dtype)
         state, losses, t0 = None, [], 0
         for n in chunks:
             res = forward_backward(layer, x[t0:t0 + n],
@@ -80,52 +82,84 @@ def _sparse_engine(kw, on, chunks=(7, 10), seed=0):
         return torch.stack(losses), param_grads(layer)
 
 
-@pytest.mark.parametrize("kw", CONFIGS + [dict(k_trunc=4, k_top=3, k_att=2, max_memories=5,
-                                               block_score_grad=True, delta_grad=True)])
-@pytest.mark.parametrize("carry_graph", [False, True])
-def test_training_is_bit_identical(kw, carry_graph, monkeypatch):
+def _spy_reads(monkeypatch):
+    """Names of the C++ read functions called through ``sab.fused`` (appended to the list
+    returned)."""
     import sab.fused
     calls = []
     for name in ("_attend_native", "_read_backward_native"):
         fn = getattr(sab.fused, name)
         monkeypatch.setattr(sab.fused, name,
                             lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    return calls
+
+
+@pytest.mark.parametrize("kw", CONFIGS + [dict(k_trunc=4, k_top=3, k_att=2, max_memories=5,
+                                               block_score_grad=True, delta_grad=True)])
+@pytest.mark.parametrize("carry_graph", [False, True])
+def test_training_equals_the_python_steps(kw, carry_graph, monkeypatch):
+    """The one-node layer with the C++ steps against its Python steps, float64: the same
+    memories selected, outputs and records to rounding, gradients to 1e-10."""
+    calls = _spy_reads(monkeypatch)
     results = {}
     for on in (True, False):
         calls.clear()
-        with native.enabled(steps=on):  # the one-node layer in float32, native or Python steps
-            results[on] = run(kw, True, (7, 10), carry_graph, seed=0, dtype=torch.float32)
+        with native.enabled(steps=on):
+            results[on] = run(kw, True, (7, 10), carry_graph, seed=0)
         # sparse reads went through the C++ functions, or none did
         assert set(calls) == ({"_attend_native", "_read_backward_native"} if on else set())
     (out_n, recs_n, grads_n, gx_n), (out_p, recs_p, grads_p, gx_p) = results[True], results[False]
-    assert torch.equal(out_n, out_p) and torch.equal(gx_n, gx_p)
+    assert_forward_close(out_n, out_p)
     for a, b in zip(recs_n, recs_p):
-        for f in ("summary", "weights", "indices", "memory_steps"):
+        for f in ("indices", "memory_steps"):
             assert torch.equal(getattr(a, f), getattr(b, f)), f
+        for f in ("summary", "weights"):
+            assert_forward_close(getattr(a, f), getattr(b, f), msg=f)
+    assert_grads_close(gx_n, gx_p)
+    for name in grads_p:
+        assert_grads_close(grads_n[name], grads_p[name], msg=name)
+
+
+@pytest.mark.parametrize("carry_graph", [False, True])
+def test_the_lstm_steps_are_bit_identical(carry_graph, monkeypatch):
+    """Without attention (k_top = 0) only the LSTM step and its backward run in C++: the same
+    ATen calls as the Python, so the same bits, in float32."""
+    calls = _spy_reads(monkeypatch)
+    kw = dict(k_trunc=3, k_top=0, k_att=1)
+    results = {}
+    for on in (True, False):
+        with native.enabled(steps=on):
+            results[on] = run(kw, True, (7, 10), carry_graph, seed=0, dtype=torch.float32)
+    assert not calls
+    (out_n, _, grads_n, gx_n), (out_p, _, grads_p, gx_p) = results[True], results[False]
+    assert torch.equal(out_n, out_p) and torch.equal(gx_n, gx_p)
     for name in grads_p:
         assert torch.equal(grads_n[name], grads_p[name]), name
 
 
 @pytest.mark.parametrize("kw", [CONFIGS[4], CONFIGS[5], dict(k_trunc=3, k_top=2, k_att=1)])
-def test_the_sparse_engine_is_bit_identical(kw):
-    """Its graph-free forward (logging the rankings) and its recomputations (replaying them)."""
+def test_the_sparse_engine_equals_the_python_steps(kw):
+    """Its graph-free forward (logging the rankings) and its recomputations (replaying them),
+    with the C++ steps and with the Python steps, float64."""
     loss_n, grads_n = _sparse_engine(kw, True)
     loss_p, grads_p = _sparse_engine(kw, False)
-    assert torch.equal(loss_n, loss_p)
+    assert_forward_close(loss_n, loss_p)
     for name in grads_p:
-        assert torch.equal(grads_n[name], grads_p[name]), name
+        assert_grads_close(grads_n[name], grads_p[name], msg=name)
 
 
-def test_evaluation_is_bit_identical():
+def test_evaluation_equals_the_python_steps():
     outs = {}
     for on in (True, False):
         with native.enabled(steps=on), torch.no_grad():
             torch.manual_seed(2)
-            layer = sab.SABLSTM(3, 6, k_trunc=5, k_top=3, k_att=2, max_memories=6)
-            out, state = layer(torch.randn(30, 4, 3, generator=torch.Generator().manual_seed(3)))
+            layer = sab.SABLSTM(3, 6, k_trunc=5, k_top=3, k_att=2, max_memories=6).double()
+            x = torch.randn(30, 4, 3, generator=torch.Generator().manual_seed(3),
+                            dtype=torch.float64)
+            out, state = layer(x)
             outs[on] = (out, state.h, state.c)
     for a, b in zip(outs[True], outs[False]):
-        assert torch.equal(a, b)
+        assert_forward_close(a, b)
 
 
 def test_the_python_steps_run_where_the_functions_do_not_apply():

@@ -1,18 +1,26 @@
 // The per-step work of sab.fused (the one-node SAB layer) as C++ functions.
 //
-// Each step function makes the same ATen calls, with the same arguments and in the same order,
-// as the Python it replaces (named above each function), so the results are equal bit for bit
-// (tests/test_native.py).  What it saves is Python's cost per tensor operation (1–3 µs:
-// python -m benchmarks.dispatch) on the ~200 operations of a SAB time step; the loop over
-// time, the memory bank's bookkeeping and the credit routing through autograd stay in Python.
+// The LSTM step and its backward make the same ATen calls, with the same arguments and in the
+// same order, as the Python they replace (named above each function), so their results are
+// equal bit for bit; what they save is Python's cost per tensor operation (1–3 µs:
+// python -m benchmarks.dispatch).  A sparse read (attend_sparse) and its backward
+// (read_backward_sparse) are loops of their own over the batch rows: the Python's ~15 and ~30
+// tensor operations on a few hundred elements each cost more in ATen's own per-operation
+// overhead (allocation, iterator set-up: 3–15 µs each) than in arithmetic.  They sum in their
+// own order, so they equal the Python steps to rounding, not bit for bit (tests/test_native.py);
+// every path that reads through them (training, evaluation, the sparse engine's forward and
+// its recomputations) uses the same code, and so agrees with the others bit for bit.  The
+// loop over time, the memory bank's bookkeeping and the credit routing through autograd stay
+// in Python.
 //
-// One function is a kernel of its own: ``rational_scores``, the MLP scorer's ranking in one
-// pass over the cached keys (sab.scorer.MLPScorer.rank calls it too, so every path ranks with
-// it).  It sums in its own order: equal to the ATen form to rounding, not bit for bit.
+// ``rational_scores`` is the MLP scorer's ranking in one pass over the cached keys
+// (sab.scorer.MLPScorer.rank calls it too, so every path ranks with it and selects the same
+// memories).  It sums in its own order: equal to the ATen form to rounding, not bit for bit.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -106,22 +114,45 @@ Tensor rational_scores(const Tensor& a, const Tensor& cache, const Tensor& v) {
 
 // sab.scorer.MLPScorer.rank with the bank's cache (the rational form, falling back to the
 // sigmoid form where it gives NaN), the slots shifted by the window's ``start`` as
-// sab.cell.rank_memories does: (top (B, k), slots (B, k))
+// sab.cell.rank_memories does: (top (B, k), slots (B, k)).  The same values as the Python; the
+// masking of a = e^{−2q} beyond ``limit``, the NaN test and the transform of the k best scores
+// are loops here (each an ATen operation or three there).
 std::vector<Tensor> rank(const Tensor& query, const Tensor& keys, const Tensor& cache,
                          const Tensor& v, int64_t k, double limit, int64_t start, int64_t tile) {
   static thread_local Tensor scratch;
-  Tensor a = at::exp(at::mul(query, -2)).masked_fill_(at::gt(at::abs(query), limit), NAN);
+  Tensor a = at::exp(at::mul(query, -2));
+  const Tensor qc = query.contiguous();
+  bool nan = false;
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "rank_mask", [&] {
+    const scalar_t* q = qc.data_ptr<scalar_t>();
+    scalar_t* ap = a.data_ptr<scalar_t>();  // fresh, contiguous
+    for (int64_t i = 0, n = a.numel(); i < n; ++i)
+      if (std::abs(q[i]) > limit) ap[i] = std::numeric_limits<scalar_t>::quiet_NaN();
+  });
   Tensor scores = rational_scores(a, cache, v);
-  if (scores.isnan().any().item<bool>()) {  // beyond the rational form's range
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "rank_nan", [&] {
+    const scalar_t* sp = scores.data_ptr<scalar_t>();
+    for (int64_t i = 0, n = scores.numel(); i < n && !nan; ++i) nan = std::isnan(sp[i]);
+  });
+  if (nan) {  // beyond the rational form's range
     Tensor q2 = at::mul(query, 2);
     scores = tiled_scores(keys, v, tile, scratch, [&](Tensor& out, int64_t lo, int64_t hi) {
       at::add_out(out, rows_of(q2, lo, hi).unsqueeze(1), rows_of(keys, lo, hi), 2)
           .sigmoid_();
     });
   }
-  auto [top, index] = scores.topk(k, -1);
-  top.mul_(2).sub_(v.sum());
-  return {top, index.add_(start)};
+  auto [top, index] = scores.topk(k, -1);  // fresh, contiguous
+  AT_DISPATCH_FLOATING_TYPES(top.scalar_type(), "rank_top", [&] {
+    const scalar_t vsum = v.sum().item<scalar_t>();
+    scalar_t* tp = top.data_ptr<scalar_t>();
+    int64_t* ip = index.data_ptr<int64_t>();
+    for (int64_t i = 0, n = top.numel(); i < n; ++i) {  // 2x − Σv, as top.mul_(2).sub_(Σv)
+      const scalar_t twice = tp[i] * 2;
+      tp[i] = twice - vsum;
+      ip[i] += start;
+    }
+  });
+  return {top, index};
 }
 
 // sab.fused._forward, one step's LSTM: the gates x W_ihᵀ + b + h W_hhᵀ through
@@ -192,16 +223,42 @@ std::vector<Tensor> lstm_step_backward(const Tensor& gh, const Tensor& gc, const
   return {at::matmul(dgates, w_hh), dc * forget_gate(act)};
 }
 
+namespace {
+
+// pointer to element (b, i, 0) of a (B, m, D) tensor whose last dimension is contiguous
+template <typename scalar_t>
+inline scalar_t* row3(const Tensor& x, int64_t b, int64_t i) {
+  return x.data_ptr<scalar_t>() + b * x.stride(0) + i * x.stride(1);
+}
+
+template <typename scalar_t>
+inline scalar_t* row2(const Tensor& x, int64_t b) {
+  return x.data_ptr<scalar_t>() + b * x.stride(0);
+}
+
+void check_rows(const Tensor& x, const char* name) {
+  TORCH_CHECK(x.stride(-1) == 1, name, ": the last dimension must be contiguous, strides ",
+              x.strides());
+}
+
+// batch rows per task of at::parallel_for: a read's row is a few µs of work
+constexpr int64_t kRowGrain = 16;
+
+}  // namespace
+
 // sab.fused._attend for a sparse read (n > k_top) of the MLP scorer: the query, the ranking
-// (or the replayed ``top``/``ranked``), the gather, sab.sparsifier.threshold_forward, and
-// s(t) into ``s``.  Returns query, top, ranked, values, keys, ids, weights, shifted, denom,
+// (or the replayed ``top``/``ranked``) through ``rank``, then one pass per batch row for the
+// rest — the gather of the selected memories' values and keys, the threshold
+// (sab.sparsifier.threshold_forward: ã_i = relu(a_i − δ), w_i = ã_i / (Σã + ε)) and
+// s(t) = Σ w_i m_i into ``s`` — where the Python makes ~15 tensor operations of a few hundred
+// elements each.  Returns query, top, ranked, values, keys, ids, weights, shifted, denom,
 // m_delta, delta_ids (the last two undefined without ``delta_grad``).
 std::vector<Tensor> attend_sparse(const Tensor& h_hat, const Tensor& w_q, const Tensor& b_q,
                                   const Tensor& v, const Tensor& bank_values,
                                   const Tensor& bank_keys, const Tensor& slot_ids,
-                                  const OptTensor& cache, const Tensor& offsets, int64_t start,
-                                  int64_t stop, int64_t k_top, double eps, bool delta_grad,
-                                  double limit, int64_t tile, const OptTensor& replay_top,
+                                  const OptTensor& cache, int64_t start, int64_t stop,
+                                  int64_t k_top, double eps, bool delta_grad, double limit,
+                                  int64_t tile, const OptTensor& replay_top,
                                   const OptTensor& replay_ranked, Tensor s) {
   const int64_t B = h_hat.size(0);
   Tensor query = at::linear(h_hat, w_q, b_q);
@@ -215,15 +272,56 @@ std::vector<Tensor> attend_sparse(const Tensor& h_hat, const Tensor& w_q, const 
     top = r[0];
     ranked = r[1];
   }
-  Tensor slots = delta_grad ? ranked : ranked.slice(1, 0, k_top);
-  const int64_t m = slots.size(1), cap = bank_values.size(1);
-  // sab.memory._gather_rows, both buffers at the same rows
-  Tensor flat = (slots + offsets).reshape(-1);
-  Tensor values = bank_values.reshape({B * cap, bank_values.size(2)}).index_select(0, flat)
-                      .view({B, m, bank_values.size(2)});
-  Tensor keys = bank_keys.reshape({B * cap, bank_keys.size(2)}).index_select(0, flat)
-                    .view({B, m, bank_keys.size(2)});
-  Tensor ids = slot_ids.index_select(0, slots.reshape(-1)).view({B, m});
+  const int64_t m = delta_grad ? k_top + 1 : k_top;
+  const int64_t H = bank_values.size(2), d = bank_keys.size(2);
+  check_rows(bank_values, "bank values");
+  check_rows(bank_keys, "bank keys");
+  check_rows(s, "s");
+  const Tensor topc = top.contiguous(), rankc = ranked.contiguous(), idc = slot_ids.contiguous();
+  Tensor values = at::empty({B, m, H}, bank_values.options());
+  Tensor keys = at::empty({B, m, d}, bank_keys.options());
+  Tensor ids = at::empty({B, m}, slot_ids.options());
+  Tensor weights = at::empty({B, k_top}, top.options());
+  Tensor shifted = at::empty({B, k_top}, top.options());
+  Tensor denom = at::empty({B, 1}, top.options());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "attend_sparse", [&] {
+    const scalar_t* tp = topc.data_ptr<scalar_t>();
+    const int64_t* rp = rankc.data_ptr<int64_t>();
+    const int64_t* sid = idc.data_ptr<int64_t>();
+    int64_t* ip = ids.data_ptr<int64_t>();
+    scalar_t *wp = weights.data_ptr<scalar_t>(), *sp = shifted.data_ptr<scalar_t>(),
+             *dp = denom.data_ptr<scalar_t>();
+    const int64_t kr = topc.size(1);  // k_top + 1 ranked per row
+    at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) {
+        for (int64_t i = 0; i < m; ++i) {  // the gather
+          const int64_t slot = rp[b * kr + i];
+          std::copy_n(row3<scalar_t>(bank_values, b, slot), H, row3<scalar_t>(values, b, i));
+          std::copy_n(row3<scalar_t>(bank_keys, b, slot), d, row3<scalar_t>(keys, b, i));
+          ip[b * m + i] = sid[slot];
+        }
+        const scalar_t delta = tp[b * kr + k_top];  // the (k_top+1)-th score
+        scalar_t total = 0;
+        for (int64_t i = 0; i < k_top; ++i) {
+          const scalar_t x = tp[b * kr + i] - delta;
+          const scalar_t r = x > 0 ? x : (x == x ? scalar_t(0) : x);  // relu, NaN kept
+          sp[b * k_top + i] = r;
+          total += r;
+        }
+        const scalar_t den = eps > 0 ? total + scalar_t(eps) : (total > 0 ? total : scalar_t(1));
+        dp[b] = den;
+        scalar_t* out = row2<scalar_t>(s, b);
+        std::fill_n(out, H, scalar_t(0));
+        for (int64_t i = 0; i < k_top; ++i) {
+          const scalar_t w = sp[b * k_top + i] / den;
+          wp[b * k_top + i] = w;
+          const scalar_t* val = row3<scalar_t>(values, b, i);
+          _Pragma("omp simd")
+          for (int64_t j = 0; j < H; ++j) out[j] += w * val[j];
+        }
+      }
+    });
+  });
   Tensor m_delta, delta_ids;
   if (delta_grad) {
     m_delta = values.slice(1, k_top);
@@ -232,67 +330,125 @@ std::vector<Tensor> attend_sparse(const Tensor& h_hat, const Tensor& w_q, const 
     keys = keys.slice(1, 0, k_top);
     ids = ids.slice(1, 0, k_top);
   }
-  // sab.sparsifier.threshold_forward(top[:, :k], top[:, k], eps)
-  Tensor shifted = at::relu(top.slice(1, 0, k_top) - top.select(1, k_top).unsqueeze(-1));
-  Tensor total = shifted.sum(-1, true);
-  Tensor denom = eps > 0 ? total + eps : at::where(total > 0, total, 1.0);
-  Tensor weights = shifted / denom;
-  s.copy_(at::bmm(weights.unsqueeze(1), values).squeeze(1));
   return {query, top, ranked, values, keys, ids, weights, shifted, denom, m_delta, delta_ids};
 }
 
-// sab.fused._read_backward for a sparse read, given ∂L/∂s (B, H): ∂L/∂v added into ``g_v``,
-// ∂L/∂query into ``g_query``; with ``local`` (the chunk-local buffer (B·n_local, H + d), rows
-// [value | key], and the chunk's first memory id ``first``), the credit of this chunk's
-// memories is added there (sab.fused._credit and _delta_credit), carried memories' masked.
-// Returns ∂L/∂values (B, k, H), ∂L/∂keys (B, k(+1), d; δ's memory last) and, with ``local``
-// and ``m_delta``, ``old`` (B, 1, 1): where δ's memory came from an earlier chunk (its key's
-// gradient then goes to W_k through the caller; undefined when none did).
+// sab.fused._read_backward for a sparse read, given ∂L/∂s (B, H), in one pass per batch row
+// (the tanh of the scorer's hidden layer, as σ, is one vectorised ATen call before it):
+//   ∂L/∂w_i = m_i·ds,  ∂L/∂m_i = w_i ds (values),  ∂L/∂a_i by sab.sparsifier.threshold_grad
+//   (and δ's score −Σ_i ∂L/∂a_i with ``m_delta``, its key W_k m_δ recomputed),
+//   ∂L/∂z_ij = 4 v_j σ_ij (1 − σ_ij) ∂L/∂a_i with σ_ij = σ(2 q_j + 2 k_ij) (the keys' and,
+//   summed over i, the query's gradient: sab.scorer.mlp_scores_grad), ∂L/∂v_j = Σ ∂L/∂a_i (2σ_ij − 1).
+// ∂L/∂v is added into ``g_v``, ∂L/∂query written into ``g_query``; with ``local`` (the
+// chunk-local buffer (B·n_local, H + d), rows [value | key], and the chunk's first memory id
+// ``first``) the credit of this chunk's memories is added there (sab.fused._credit and
+// _delta_credit), memories of earlier chunks left out.  Returns ∂L/∂values (B, k, H),
+// ∂L/∂keys (B, k(+1), d; δ's memory last) and, with ``local`` and ``m_delta``, ``old``
+// (B, 1, 1): where δ's memory came from an earlier chunk (its key's gradient then goes to W_k
+// through the caller; undefined when none did).
 std::vector<Tensor> read_backward_sparse(const Tensor& ds, const Tensor& values,
-                                         const Tensor& keys_in, const Tensor& weights,
+                                         const Tensor& keys, const Tensor& weights,
                                          const Tensor& shifted, const Tensor& denom,
                                          const Tensor& query, const Tensor& v,
                                          const Tensor& w_k, const OptTensor& m_delta,
                                          Tensor g_query, Tensor g_v, const Tensor& ids,
                                          const OptTensor& delta_ids, const OptTensor& local,
-                                         const Tensor& offsets, int64_t first, int64_t n_local) {
-  Tensor dw = (values * ds.unsqueeze(1)).sum(-1);  // (B, k)
-  Tensor g_values = weights.unsqueeze(-1) * ds.unsqueeze(1);  // (B, k, H)
-  // sab.sparsifier.threshold_grad
-  Tensor g = (dw - (dw * weights).sum(-1, true)) / denom;
-  Tensor g_scores = at::where(shifted > 0, g, 0.0);
-  Tensor keys = keys_in;
-  if (m_delta) {  // δ's memory's score: its key from the stored value
-    g_scores = at::cat({g_scores, -g_scores.sum(-1, true)}, 1);
-    keys = at::cat({keys, at::linear(m_delta->squeeze(1), w_k).unsqueeze(1)}, 1);
-  }
-  // sab.scorer.mlp_scores_grad
-  const int64_t B = keys.size(0), k = keys.size(1), d = keys.size(2);
-  Tensor sig = at::add(query.unsqueeze(1) * 2, keys, 2).sigmoid_();
-  Tensor gv = at::addmv(g_scores.sum(), sig.view({B * k, d}).t(), g_scores.reshape(B * k), -1, 2);
-  Tensor g_z = at::addcmul(sig, sig, sig, -1).mul_(g_scores.unsqueeze(-1) * (v * 4));
-  g_query.copy_(g_z.sum(1));
-  g_v.add_(gv);
-  const int64_t m = ids.size(1), H = values.size(2);
+                                         int64_t first, int64_t n_local) {
+  const int64_t B = values.size(0), k = values.size(1), H = values.size(2), d = keys.size(2);
+  const int64_t kk = m_delta ? k + 1 : k;
+  for (auto [x, name] : {std::pair<const Tensor*, const char*>{&ds, "ds"}, {&values, "values"},
+                         {&keys, "keys"}, {&query, "query"}, {&g_query, "g_query"}})
+    check_rows(*x, name);
+  const Tensor key_delta = m_delta ? at::linear(m_delta->squeeze(1), w_k) : Tensor();  // (B, d)
+  const Tensor wc = weights.contiguous(), shc = shifted.contiguous(), dnc = denom.contiguous();
+  const Tensor vc = v.contiguous(), idc = ids.contiguous();
+  const Tensor didc = delta_ids ? delta_ids->contiguous() : Tensor();
+  Tensor sig = at::empty({B, kk, d}, keys.options());
+  Tensor g_values = at::empty({B, k, H}, values.options());
+  Tensor g_z = at::empty({B, kk, d}, keys.options());
+  Tensor g_scores = at::empty({B, kk}, weights.options());
+  Tensor gv_rows = at::empty({B, d}, v.options());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "read_backward_sparse", [&] {
+    // the scorer's pre-activations 2q + 2k, then σ of them all at once
+    at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) {
+        const scalar_t* q = row2<scalar_t>(query, b);
+        for (int64_t i = 0; i < kk; ++i) {
+          const scalar_t* key = i < k ? row3<scalar_t>(keys, b, i) : row2<scalar_t>(key_delta, b);
+          scalar_t* z = row3<scalar_t>(sig, b, i);
+          _Pragma("omp simd")
+          for (int64_t j = 0; j < d; ++j) z[j] = q[j] * 2 + key[j] * 2;
+        }
+      }
+    });
+    sig.sigmoid_();
+    const scalar_t *wp = wc.data_ptr<scalar_t>(), *shp = shc.data_ptr<scalar_t>(),
+                   *dnp = dnc.data_ptr<scalar_t>(), *vp = vc.data_ptr<scalar_t>();
+    const int64_t* ip = idc.data_ptr<int64_t>();
+    scalar_t* gsp = g_scores.data_ptr<scalar_t>();
+    scalar_t* loc = local ? local->data_ptr<scalar_t>() : nullptr;
+    const int64_t ld = H + d;  // a row [value | key] of the local buffer
+    at::parallel_for(0, B, kRowGrain, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) {
+        const scalar_t* dsb = row2<scalar_t>(ds, b);
+        const scalar_t* w = wp + b * k;
+        scalar_t* gs = gsp + b * kk;
+        scalar_t ga = 0;  // Σ_i w_i ∂L/∂w_i
+        for (int64_t i = 0; i < k; ++i) {
+          const scalar_t* val = row3<scalar_t>(values, b, i);
+          scalar_t* gval = row3<scalar_t>(g_values, b, i);
+          scalar_t dw = 0;
+          _Pragma("omp simd reduction(+ : dw)")
+          for (int64_t j = 0; j < H; ++j) {
+            dw += val[j] * dsb[j];
+            gval[j] = w[i] * dsb[j];
+          }
+          gs[i] = dw;
+          ga += dw * w[i];
+        }
+        scalar_t gsum = 0;
+        for (int64_t i = 0; i < k; ++i) {  // sab.sparsifier.threshold_grad
+          gs[i] = shp[b * k + i] > 0 ? (gs[i] - ga) / dnp[b] : scalar_t(0);
+          gsum += gs[i];
+        }
+        if (kk > k) gs[k] = -gsum;  // δ's score: a_δ enters every ã_i with sign −1
+        scalar_t* gq = row2<scalar_t>(g_query, b);
+        scalar_t* gv = gv_rows.data_ptr<scalar_t>() + b * d;
+        std::fill_n(gq, d, scalar_t(0));
+        std::fill_n(gv, d, scalar_t(0));
+        for (int64_t i = 0; i < kk; ++i) {
+          const scalar_t* sg = row3<scalar_t>(sig, b, i);
+          scalar_t* gz = row3<scalar_t>(g_z, b, i);
+          const scalar_t g = gs[i];
+          _Pragma("omp simd")
+          for (int64_t j = 0; j < d; ++j) {
+            gz[j] = (sg[j] - sg[j] * sg[j]) * (g * (vp[j] * 4));
+            gq[j] += gz[j];
+            gv[j] += g * (sg[j] * 2 - 1);
+          }
+        }
+        if (loc == nullptr) continue;
+        auto add_row = [&](int64_t id, const scalar_t* gval, const scalar_t* gkey) {
+          if (id < first) return;  // a memory of an earlier chunk: not this buffer's
+          scalar_t* dst = loc + (b * n_local + (id - first)) * ld;
+          if (gval != nullptr) {
+            _Pragma("omp simd")
+            for (int64_t j = 0; j < H; ++j) dst[j] += gval[j];
+          }
+          _Pragma("omp simd")
+          for (int64_t j = 0; j < d; ++j) dst[H + j] += gkey[j];
+        };
+        for (int64_t i = 0; i < k; ++i)
+          add_row(ip[b * k + i], row3<scalar_t>(g_values, b, i), row3<scalar_t>(g_z, b, i));
+        if (kk > k) add_row(didc.data_ptr<int64_t>()[b], nullptr, row3<scalar_t>(g_z, b, k));
+      }
+    });
+  });
+  g_v.add_(gv_rows.sum(0));
   Tensor old;
-  if (local) {  // sab.fused._credit / _delta_credit into the chunk-local buffer
-    auto local_add = [&](const Tensor& buf, const Tensor& which, Tensor grad) -> Tensor {
-      Tensor rel = which - first;
-      Tensor mask;
-      if (first != 0) {  // sab.fused._old
-        Tensor o = which < first;
-        if (o.any().item<bool>()) mask = o.unsqueeze(-1);
-      }
-      if (mask.defined()) {
-        rel = rel.clamp_min(0);
-        grad = grad.masked_fill(mask, 0);
-      }
-      Tensor flat = (rel + offsets).reshape(-1);  // sab.memory._flat_rows
-      Tensor(buf).index_add_(0, flat, grad.reshape({-1, grad.size(-1)}));
-      return mask;
-    };
-    local_add(*local, ids, at::cat({g_values, g_z.slice(1, 0, m)}, -1));
-    if (m_delta) old = local_add(local->slice(1, H), *delta_ids, g_z.slice(1, m));
+  if (local && m_delta && first != 0) {  // sab.fused._old
+    Tensor o = at::lt(*delta_ids, first);
+    if (o.any().item<bool>()) old = o.unsqueeze(-1);
   }
   return {g_values, g_z, old};
 }
