@@ -7,13 +7,17 @@ learns decides how many blocks credit reaches).  The credit rule is the reproduc
 (``--rule blocked``: ``block_score_grad``, ``delta_grad``, ε = 0.01, ``sab.repro``) or SPEC §3's
 (``--rule spec``: the scores' credit reaches ĥ and the memories, ε = 0).
 
-With ``--copy-run`` it also counts them for a model trained on copying (a ``sab repro`` run,
-e.g. ``results/runs/copy100-sab-5-5``) and a loss at the last step of copying sequences of
-length T + 20 (the last recalled digit): what a model whose attention has learned to read the
-digits' memories sends credit to.
+With ``--runs`` it also counts them for trained models (``sab repro`` run directories, with
+their own k_trunc, k_top, k_att and credit rule): for an adding run (e.g.
+``results/runs/adding200-sab-5-5``) the loss at the last step of adding sequences of length T —
+the issue's measurement, with attention that has learned to read the two marked steps; for a
+copying run (e.g. ``results/runs/copy100-sab-5-5``) the loss at the last step of copying
+sequences of length T + 20 (the last recalled digit).  Each row also gives the model's loss on
+those sequences (whether it still solves the task at that T).
 
     python -m benchmarks.steps_visited --T 200 500 1000 2000
-    python -m benchmarks.steps_visited --T 1000 --copy-run results/runs/copy100-sab-5-5
+    python -m benchmarks.steps_visited --T 1000 --runs results/runs/adding200-sab-5-5 \
+        results/runs/copy100-sab-5-5
 """
 from __future__ import annotations
 
@@ -48,32 +52,42 @@ def visited(model, T: int, batch: int, seed: int) -> tuple[float, float]:
     return res.stats["steps_backpropagated"], float(res.loss)
 
 
-def copying_visited(run: str, Ts, seqs: int) -> dict:
-    """Mean steps backpropagated for the last recalled digit's loss, per T, of the copying
-    model in ``run`` (one sequence per measurement)."""
+def run_visited(run: str, Ts, seqs: int) -> dict:
+    """Per T, the mean steps backpropagated for a loss at the last step, and the mean loss, of
+    the trained model in ``run`` (an adding or copying run; one sequence per measurement)."""
     from sab.trainer import load_run
 
     config, _, model, ckpt = load_run(run)
-    one_hot = config.task_options.get("one_hot", False)
+    if config.task not in ("adding", "copy"):
+        raise SystemExit(f"--runs: {run} trained {config.task!r}; steps_visited counts adding "
+                         "and copying runs")
     out = {}
     for T in Ts:
-        counts = []
+        counts, losses = [], []
         for s in range(seqs):
-            x, y = copying_batch(T, 1, torch.Generator().manual_seed(2000 + s))  # (T+20, 1)
-            L = x.shape[0]
+            g = torch.Generator().manual_seed(2000 + s)
+            if config.task == "adding":
+                x, y = adding_batch(T, 1, g, target=config.task_options.get("target", "sum"))
+                L, loss_fn = T, adding_loss(model, y, T)
+            else:
+                x, y = copying_batch(T, 1, g)  # (T+20, 1): the loss at the last recalled digit
+                L = x.shape[0]
+                x = encode_copying(x, config.task_options.get("one_hot", False))
 
-            def loss_fn(start, stop, output, summary):
-                if stop < L:
-                    return None
-                logits = model.readout(output[-1:], summary[-1:])[0]  # (1, 10)
-                return F.cross_entropy(logits, y[-1])
-            loss_fn.loss_steps = [L - 1]
+                def loss_fn(start, stop, output, summary, L=L, y=y):
+                    if stop < L:
+                        return None
+                    logits = model.readout(output[-1:], summary[-1:])[0]  # (1, 10)
+                    return F.cross_entropy(logits, y[-1])
+                loss_fn.loss_steps = [L - 1]
             model.zero_grad()
-            res = forward_backward(model.rnn, encode_copying(x, one_hot), loss_fn, engine="sparse")
+            res = forward_backward(model.rnn, x, loss_fn, engine="sparse")
             counts.append(res.stats["steps_backpropagated"])
-        out[T] = sum(counts) / len(counts)
-        print(f"  copying   T={T:5d}  {out[T]:8.1f} of {T + 20} steps ({out[T] / (T + 20):.1%}), "
-              f"{Path(run).name} at step {ckpt.get('step', '?')}", flush=True)
+            losses.append(float(res.loss))
+        n = sum(counts) / len(counts)
+        out[T] = {"steps": L, "visited": n, "loss": sum(losses) / len(losses)}
+        print(f"  {Path(run).name} (step {ckpt.get('step', '?')})  T={T:5d}  {n:8.1f} of {L} "
+              f"steps ({n / L:.1%}), loss {out[T]['loss']:.4g}", flush=True)
     return out
 
 
@@ -89,7 +103,8 @@ def main(argv=None) -> dict:
     p.add_argument("--k-att", type=int, default=10)
     p.add_argument("--rule", choices=["blocked", "spec"], default="blocked",
                    help="credit rule (default: the reproduction's)")
-    p.add_argument("--copy-run", help="also count for this trained copying run (a run directory)")
+    p.add_argument("--runs", nargs="+", default=[],
+                   help="also count for these trained adding or copying runs (run directories)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -131,14 +146,17 @@ def main(argv=None) -> dict:
     print(fmt_table(["T", "BPTT steps", "SAB untrained", "fraction", "SAB trained", "fraction"],
                     rows))
     results = {"untrained": untrained, "trained": trained, "train_mse": mse}
-    if args.copy_run:
-        copying = copying_visited(args.copy_run, args.T, args.seqs)
-        print(f"\nThe same for {args.copy_run} (trained on copying T=100) and a loss at the last "
-              f"step of copying sequences (T + 20 steps); mean of {args.seqs} sequences")
-        print(fmt_table(["T", "BPTT steps", "SAB trained on copying", "fraction"],
-                        [[T, T + 20, f"{copying[T]:.0f}", f"{copying[T] / (T + 20):.1%}"]
-                         for T in args.T]))
-        results["copying"] = copying
+    for run in args.runs:
+        got = run_visited(run, args.T, args.seqs)
+        copying = got[args.T[0]]["steps"] > args.T[0]  # T + 20 steps
+        what = ("copying sequences, loss at the last recalled digit (cross-entropy)" if copying
+                else "adding sequences, loss at the last step (MSE)")
+        print(f"\nThe same for the trained model of {run}: {what}; mean of {args.seqs} "
+              "sequences")
+        print(fmt_table(["T", "BPTT steps", "SAB visited", "fraction", "loss"],
+                        [[T, r["steps"], f"{r['visited']:.0f}", f"{r['visited'] / r['steps']:.1%}",
+                          f"{r['loss']:.4g}"] for T, r in got.items()]))
+        results.setdefault("runs", {})[run] = got
     finish(args, results)
     return results
 

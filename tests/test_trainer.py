@@ -1,5 +1,6 @@
 """Trainer: learning, checkpoints, resume after SIGKILL, non-finite loss."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -236,6 +237,35 @@ def test_step_time_benchmark_reports_ratios_within_rounds(tmp_path):
     assert res["median_ratio"]["lstm/lstm@6"] == 1.0
     assert res["median_ratio"]["sab-ref/lstm@6"] > 0
     assert json.loads((tmp_path / "t.json").read_text())["median_ratio"] == res["median_ratio"]
+
+
+def test_steps_visited_counts_trained_runs(tmp_path, monkeypatch):
+    """benchmarks/steps_visited.py --runs on small trained adding and copying runs: without
+    attention (k_top = 0) a loss at the last step visits exactly the last block (k_trunc = 3: the
+    steps from the last multiple of 3); with attention at least that and at most every step."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import steps_visited
+
+    runs = {}
+    for task, k_top in (("adding", 0), ("adding", 2), ("copy", 2)):
+        cfg = tiny("sab", steps=5)
+        cfg.task, cfg.task_options = task, {"T": 6, "eval_size": 32}
+        cfg.model.k_top = k_top
+        runs[(task, k_top)] = tmp_path / f"{task}{k_top}"
+        Trainer(cfg, runs[(task, k_top)]).run()
+    Ts = [8, 13]
+    out = steps_visited.main(["--T", *map(str, Ts), "--seqs", "2", "--train-steps", "0",
+                              "--runs", *map(str, runs.values())])["runs"]
+    for (task, k_top), run in runs.items():
+        for T in Ts:
+            got = out[str(run)][T]
+            L = T + 20 if task == "copy" else T
+            last_block = L - (L - 1) // 3 * 3
+            assert got["steps"] == L and math.isfinite(got["loss"])
+            if k_top == 0:
+                assert got["visited"] == last_block
+            else:
+                assert last_block <= got["visited"] <= L
 
 
 @pytest.mark.slow
