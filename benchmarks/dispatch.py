@@ -1,13 +1,14 @@
-"""What Python's dispatch costs the one-node layer: the same ATen operations called from Python
-and from C++.
+"""What Python's dispatch, and ATen's own per-operation overhead, cost the one-node layer.
 
 The LSTM pointwise backward (``sab.cell.pointwise_backward``, 19 tensor operations on (B, 4H)
-and (B, H) tensors) and its C++ twin in ``sab.native`` (the same ATen calls in the same order:
-the results are compared bit for bit) are timed per call.  The difference, per operation, is
-what ``sab.native``'s step functions save on each of the ~200 operations a SAB time step
-dispatches (README, Performance).  Needs a
-C++ compiler; the first use of ``sab.native`` compiles for about a minute (cached under
-``~/.cache/sab``).
+and (B, H) tensors) is timed per call three ways: from Python; as the same ATen calls in the
+same order from C++ (``sab.native``'s ``pointwise_backward``); and as one pass over the batch
+rows doing the same arithmetic (``pointwise_backward_fused``, what the one-node layer's LSTM
+backward runs).  All three give the same bits (checked).  Python against C++ is what calling
+from C++ saves on each of the ~200 operations a SAB time step dispatches; C++ against the
+fused pass is what ATen's allocation and iterator set-up cost per operation on tensors this
+small (README, Performance).  Needs a C++ compiler; the first use of ``sab.native`` compiles
+for about a minute (cached under ``~/.cache/sab``).
 
     python -m benchmarks.dispatch              # B=64, H=128
 """
@@ -55,21 +56,27 @@ def main(argv=None) -> dict:
     act = torch.rand(B, 4 * H, generator=g)
     dgates = torch.empty(B, 4 * H)
     ours = pointwise_backward(gh, gc, act, c_prev, tc, dgates.clone())
-    theirs = ext.pointwise_backward(gh, gc, act, c_prev, tc, dgates.clone())
-    same = all(torch.equal(x, y) for x, y in zip(ours, theirs))
+    same = all(torch.equal(x, y) for fn in (ext.pointwise_backward, ext.pointwise_backward_fused)
+               for x, y in zip(ours, fn(gh, gc, act, c_prev, tc, dgates.clone())))
     py = _per_call_us(lambda: pointwise_backward(gh, gc, act, c_prev, tc, dgates), args.calls,
                       args.rounds)
     cpp = _per_call_us(lambda: ext.pointwise_backward(gh, gc, act, c_prev, tc, dgates),
                        args.calls, args.rounds)
+    fused = _per_call_us(lambda: ext.pointwise_backward_fused(gh, gc, act, c_prev, tc, dgates),
+                         args.calls, args.rounds)
     print(f"LSTM pointwise backward, B={B}, H={H}, {N_OPS} tensor operations, best of "
           f"{args.rounds} rounds of {args.calls} calls; C++ build or load {built:.1f} s; "
           f"results bit-identical: {same}")
     print(machine())
     print(fmt_table(["called from", "µs per call", "µs per operation"],
                     [["Python", f"{py:.1f}", f"{py / N_OPS:.2f}"],
-                     ["C++ (sab.native)", f"{cpp:.1f}", f"{cpp / N_OPS:.2f}"],
-                     ["Python / C++", f"{py / cpp:.2f}", f"saved {(py - cpp) / N_OPS:.2f}"]]))
-    results = {"python_us": py, "cpp_us": cpp, "n_ops": N_OPS, "bit_identical": same,
+                     ["C++ (sab.native), the same ATen calls", f"{cpp:.1f}", f"{cpp / N_OPS:.2f}"],
+                     ["C++, one pass over the rows", f"{fused:.1f}", "-"],
+                     ["Python / C++", f"{py / cpp:.2f}", f"saved {(py - cpp) / N_OPS:.2f}"],
+                     ["C++ ATen calls / one pass", f"{cpp / fused:.2f}",
+                      f"saved {(cpp - fused) / N_OPS:.2f}"]]))
+    results = {"python_us": py, "cpp_us": cpp, "fused_us": fused, "n_ops": N_OPS,
+               "bit_identical": same,
                "batch": B, "hidden": H}
     finish(args, results)
     return results

@@ -174,3 +174,20 @@ def test_the_python_steps_run_where_the_functions_do_not_apply():
         assert _native(scorer, cpu) is None
     scorer.fused = True
     assert _native(scorer, cpu) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,H", [(3, 5), (64, 128), (17, 33)])
+def test_the_fused_lstm_backward_is_bit_identical(dtype, B, H):
+    """The LSTM pointwise backward as one pass over the batch rows (what ``lstm_step_backward``
+    runs) gives the bits of ``sab.cell.pointwise_backward``'s ATen operations, and of their C++
+    twin: each operation rounded on its own (no fused multiply-add)."""
+    from sab.cell import pointwise_backward
+    K = native.kernels()
+    g = torch.Generator().manual_seed(B * H)
+    gh, gc, c_prev, tc = (torch.randn(B, H, generator=g, dtype=dtype) for _ in range(4))
+    act = torch.rand(B, 4 * H, generator=g, dtype=dtype)
+    want = pointwise_backward(gh, gc, act, c_prev, tc, torch.empty(B, 4 * H, dtype=dtype))
+    for fn in (K.pointwise_backward_fused, K.pointwise_backward):
+        got = fn(gh, gc, act, c_prev, tc, torch.empty(B, 4 * H, dtype=dtype))
+        assert all(torch.equal(x, y) for x, y in zip(got, want)), fn.__name__

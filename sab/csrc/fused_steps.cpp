@@ -177,8 +177,9 @@ std::vector<Tensor> lstm_step(const Tensor& xp, const Tensor& h, const Tensor& w
 
 namespace {
 
-// sab.cell.pointwise_backward up to ∂L/∂c(t): ∂L/∂gates into ``dgates``; returns ∂L/∂c(t)
-// (B, H), which ∂L/∂c(t−1) is σ(f) times
+// sab.cell.pointwise_backward up to ∂L/∂c(t), as ATen operations: ∂L/∂gates into ``dgates``;
+// returns ∂L/∂c(t) (B, H), which ∂L/∂c(t−1) is σ(f) times (what python -m benchmarks.dispatch
+// times against the same calls from Python)
 Tensor pointwise_grads(const Tensor& gh, const Tensor& gc, const Tensor& act,
                        const Tensor& c_prev, const Tensor& tc, Tensor& dgates) {
   const int64_t H = c_prev.size(1);
@@ -197,6 +198,47 @@ Tensor pointwise_grads(const Tensor& gh, const Tensor& gc, const Tensor& act,
   return dc;
 }
 
+// the same arithmetic as pointwise_grads in one pass over the batch rows, every operation
+// rounded on its own as ATen's (the build has -ffp-contract=off: no fused multiply-adds), so
+// the results are the same bits; also ∂L/∂c(t−1) = ∂L/∂c(t)·σ(f) into ``dc_prev``
+void pointwise_grads_fused(const Tensor& gh, const Tensor& gc, const Tensor& act,
+                           const Tensor& c_prev, const Tensor& tc, Tensor& dgates,
+                           Tensor& dc_prev) {
+  const int64_t B = c_prev.size(0), H = c_prev.size(1);
+  const Tensor ghc = gh.contiguous(), gcc = gc.contiguous(), ac = act.contiguous(),
+               cpc = c_prev.contiguous(), tcc = tc.contiguous();
+  TORCH_CHECK(dgates.is_contiguous() && dc_prev.is_contiguous(), "pointwise_grads_fused: "
+              "contiguous outputs expected");
+  AT_DISPATCH_FLOATING_TYPES(ac.scalar_type(), "pointwise_grads_fused", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, B, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) {
+        const T *a = ac.data_ptr<T>() + b * 4 * H, *dh = ghc.data_ptr<T>() + b * H,
+                *dcn = gcc.data_ptr<T>() + b * H, *cp = cpc.data_ptr<T>() + b * H,
+                *t = tcc.data_ptr<T>() + b * H;
+        T* dg = dgates.data_ptr<T>() + b * 4 * H;
+        T* dcp = dc_prev.data_ptr<T>() + b * H;
+        _Pragma("omp simd")
+        for (int64_t j = 0; j < H; ++j) {
+          const T i = a[j], f = a[H + j], g = a[2 * H + j], o = a[3 * H + j];
+          const T tt = t[j] * t[j];
+          const T one_m_tt = T(1) - tt;
+          T dc = dh[j] * o;
+          dc = dc * one_m_tt;
+          dc = dc + dcn[j];
+          const T gg = g * g;
+          const T dg_deriv = -gg + T(1);
+          dg[j] = (dc * g) * ((T(1) - i) * i);
+          dg[H + j] = (dc * cp[j]) * ((T(1) - f) * f);
+          dg[2 * H + j] = (dc * i) * dg_deriv;
+          dg[3 * H + j] = (dh[j] * t[j]) * ((T(1) - o) * o);
+          dcp[j] = dc * f;
+        }
+      }
+    });
+  });
+}
+
 Tensor forget_gate(const Tensor& act) {  // σ(f), the second quarter of the activations
   const int64_t H = act.size(1) / 4;
   return act.narrow(1, H, H);
@@ -204,23 +246,37 @@ Tensor forget_gate(const Tensor& act) {  // σ(f), the second quarter of the act
 
 }  // namespace
 
-// sab.cell.pointwise_backward: (∂L/∂gates (B, 4H) in ``dgates``, ∂L/∂c_prev (B, H)); also
-// what python -m benchmarks.dispatch times against the Python version
+// sab.cell.pointwise_backward as its ATen operations: (∂L/∂gates (B, 4H) in ``dgates``,
+// ∂L/∂c_prev (B, H)) — what python -m benchmarks.dispatch times against the Python version
 std::vector<Tensor> pointwise_backward(const Tensor& gh, const Tensor& gc, const Tensor& act,
                                        const Tensor& c_prev, const Tensor& tc, Tensor dgates) {
   Tensor dc = pointwise_grads(gh, gc, act, c_prev, tc, dgates);
   return {dgates, dc * forget_gate(act)};
 }
 
-// sab.fused._forward, the LSTM step's backward: sab.cell.pointwise_backward into ``dgates``,
-// then the gradient of the state entering the step (zeros after a truncation point ``cut``):
-// (∂L/∂h (B, H), ∂L/∂c (B, H))
+// sab.cell.pointwise_backward in one pass (pointwise_grads_fused): the same results
+std::vector<Tensor> pointwise_backward_fused(const Tensor& gh, const Tensor& gc,
+                                             const Tensor& act, const Tensor& c_prev,
+                                             const Tensor& tc, Tensor dgates) {
+  Tensor dc_prev = at::empty_like(c_prev, at::MemoryFormat::Contiguous);
+  pointwise_grads_fused(gh, gc, act, c_prev, tc, dgates, dc_prev);
+  return {dgates, dc_prev};
+}
+
+// sab.fused._forward, the LSTM step's backward: sab.cell.pointwise_backward into ``dgates``
+// (one pass, bit-identical), then the gradient of the state entering the step (zeros after a
+// truncation point ``cut``): (∂L/∂h (B, H), ∂L/∂c (B, H))
 std::vector<Tensor> lstm_step_backward(const Tensor& gh, const Tensor& gc, const Tensor& act,
                                        const Tensor& c_prev, const Tensor& tc, Tensor dgates,
                                        const Tensor& w_hh, bool cut) {
-  Tensor dc = pointwise_grads(gh, gc, act, c_prev, tc, dgates);
-  if (cut) return {at::zeros_like(gh), at::zeros_like(dc)};
-  return {at::matmul(dgates, w_hh), dc * forget_gate(act)};
+  if (cut) {
+    Tensor unused = at::empty_like(c_prev, at::MemoryFormat::Contiguous);
+    pointwise_grads_fused(gh, gc, act, c_prev, tc, dgates, unused);
+    return {at::zeros_like(gh), at::zeros_like(unused)};
+  }
+  Tensor dc_prev = at::empty_like(c_prev, at::MemoryFormat::Contiguous);
+  pointwise_grads_fused(gh, gc, act, c_prev, tc, dgates, dc_prev);
+  return {at::matmul(dgates, w_hh), dc_prev};
 }
 
 namespace {
@@ -458,6 +514,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rank", &rank);
   m.def("lstm_step", &lstm_step);
   m.def("pointwise_backward", &pointwise_backward);
+  m.def("pointwise_backward_fused", &pointwise_backward_fused);
   m.def("lstm_step_backward", &lstm_step_backward);
   m.def("attend_sparse", &attend_sparse);
   m.def("read_backward_sparse", &read_backward_sparse);
