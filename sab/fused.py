@@ -77,14 +77,17 @@ class _Config:
 class _Read:
     """What one attending step read, for its backward (and the attention record)."""
     __slots__ = ("t", "dense", "query", "ids", "weights", "shifted", "denom", "values", "keys",
-                 "m_delta", "delta_ids", "mem_steps")
+                 "m_delta", "delta_ids", "mem_steps", "a")
 
     def __init__(self, t, dense, query, ids, weights, shifted, denom, values, keys, m_delta,
-                 delta_ids, mem_steps):
+                 delta_ids, mem_steps, a=None):
         self.t, self.dense, self.query, self.ids = t, dense, query, ids
         self.weights, self.shifted, self.denom = weights, shifted, denom  # (shifted, denom: sparse)
         self.values, self.keys, self.m_delta = values, keys, m_delta
         self.delta_ids, self.mem_steps = delta_ids, mem_steps
+        # a dense read of the C++ function: e^{−2q} (B, d), and ``keys`` holds the memories'
+        # cached e^{−2k} rows instead of their keys
+        self.a = a
 
 
 def fused_layer(xp: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, scorer: MLPScorer,
@@ -294,7 +297,9 @@ class _FusedLayer(Function):
             dh_hat = dh  # h(t) = ĥ(t) + s(t)
             if r is not None:  # ∂L/∂s(t): through h(t) and directly (the head reads s(t))
                 ds = dh + d_summary[t]
-                if K is not None and not r.dense:
+                if r.a is not None:
+                    _read_backward_dense_native(ctx, K, r, ds, v, g_query[t], g_v, local_flat)
+                elif K is not None and not r.dense:
                     _read_backward_native(ctx, K, r, ds, w_k, v, g_query[t], g_v, key_rows,
                                           local_flat)
                 else:
@@ -339,8 +344,12 @@ def _attend(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor,
     top = m_delta = delta_ids = shifted = denom = None
     logged = None if cfg.replay is None else next(cfg.replay)  # consumed by every read
     dense = cfg.dense or stop - start <= k_top
-    if cfg.native is not None and not dense:
-        return _attend_native(cfg, t, h_hat, w_q, b_q, s, logged)
+    if cfg.native is not None:
+        if not dense:
+            return _attend_native(cfg, t, h_hat, w_q, b_q, s, logged)
+        r = _attend_dense_native(cfg, t, h_hat, w_q, b_q, s)
+        if r is not None:  # (None: beyond the rational form's range, read as below)
+            return r
     query = F.linear(h_hat, w_q, b_q)  # (B, d), as the scorer's nn.Linear
     if dense:  # every memory, softmax (SPEC §2.4)
         slots = torch.arange(start, stop, device=h_hat.device).expand(B, -1)  # (B, n)
@@ -398,6 +407,41 @@ def _attend_native(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor
     steps = bank.slot_steps[ranked[:, :k_top]] if cfg.record else None
     return _Read(t, False, query, ids, weights, shifted, denom, values, keys, m_delta, delta_ids,
                  steps)
+
+
+def _attend_dense_native(cfg: _Config, t: int, h_hat: Tensor, w_q: Tensor, b_q: Tensor,
+                         s: Tensor) -> Optional[_Read]:
+    """:func:`_attend`'s dense read (softmax over every memory) through the C++ function, the
+    scores in the ranking's rational form over the bank's cache; ``None`` where that form is out
+    of range (the Python read then runs)."""
+    bank = cfg.bank
+    start, stop = bank.window()
+    cache = bank.ranking_keys(cfg.scorer.rank_keys)
+    # an append-only bank never rewrites a slot: the read keeps views of its buffers (a copy of
+    # every memory at every step was O(T²) memory per chunk); a bounded ring bank is copied
+    copy = bank.max_memories is not None and not bank.linear
+    got = cfg.native.attend_dense(h_hat, w_q, b_q, cfg.scorer.v, bank.values, cache,
+                                  bank.slot_ids, start, stop, rational_limit(h_hat.dtype), copy,
+                                  s)
+    if not got:
+        return None
+    query, a, values, cache_rows, ids, weights = got
+    if cfg.log is not None:
+        cfg.log.add_selection(None)  # every memory read: nothing to replay
+    steps = bank.slot_steps[start:stop].clone().expand(ids.shape) if cfg.record else None
+    return _Read(t, True, query, ids, weights, None, None, values, cache_rows, None, None, steps,
+                 a)
+
+
+def _read_backward_dense_native(ctx, K, r: _Read, ds: Tensor, v: Tensor, g_query: Tensor,
+                                g_v: Tensor, local: Optional[Tensor]) -> None:
+    """:func:`_read_backward` of a dense read of :func:`_attend_dense_native` through the C++
+    function (which adds ``∂L/∂v`` into ``g_v`` and the credit of this chunk's memories into
+    ``local``); the credit of memories carried in with a graph is routed here."""
+    got = K.read_backward_dense(ds, r.values, r.keys, r.weights, r.a, v, g_query, g_v, r.ids,
+                                local, ctx.first, ctx.n_local)
+    if ctx.carried:  # (without ``local``: ∂L/∂values and ∂L/∂keys came back)
+        ctx.graph.accumulate(r.ids, *got)
 
 
 def _read_backward_native(ctx, K, r: _Read, ds: Tensor, w_k: Tensor, v: Tensor,

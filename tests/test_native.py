@@ -191,3 +191,63 @@ def test_the_fused_lstm_backward_is_bit_identical(dtype, B, H):
     for fn in (K.pointwise_backward_fused, K.pointwise_backward):
         got = fn(gh, gc, act, c_prev, tc, torch.empty(B, 4 * H, dtype=dtype))
         assert all(torch.equal(x, y) for x, y in zip(got, want)), fn.__name__
+
+
+def _self_attention(on, max_memories, carry_graph, scale=1.0, chunks=(7, 10)):
+    """Outputs and gradients (parameters, input) of the self-attention baseline over ``chunks``
+    in float64, with the C++ steps or the Python ones; ``scale`` multiplies the query weights."""
+    with native.enabled(steps=on):
+        torch.manual_seed(0)
+        layer = sab.SelfAttnLSTM(3, 5, max_memories=max_memories).double()
+        with torch.no_grad():
+            layer.scorers[0].query_proj.weight.mul_(scale)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(sum(chunks), 2, 3, dtype=torch.float64, generator=g, requires_grad=True)
+        r = torch.randn(sum(chunks), 2, 5, dtype=torch.float64, generator=g)
+        state, outs, t0 = None, [], 0
+        for n in chunks:
+            out, state = layer(x[t0:t0 + n], state)
+            outs.append(out)
+            state = state if carry_graph else state.detach()
+            t0 += n
+        out = torch.cat(outs)
+        ((out * r).sum() + state.c.pow(2).sum()).backward()
+        return out.detach(), param_grads(layer), x.grad
+
+
+@pytest.mark.parametrize("max_memories", [None, 4])
+@pytest.mark.parametrize("carry_graph", [False, True])
+def test_dense_reads_equal_the_python_steps(max_memories, carry_graph, monkeypatch):
+    """The self-attention baseline's dense reads through the C++ functions (softmax over every
+    memory, scores in the ranking's rational form) against the Python reads (sigmoid form),
+    float64: outputs to rounding, gradients to 1e-10 — with a bank that rewrites its slots
+    (``max_memories``) and with the state carried with and without its graph."""
+    import sab.fused
+    calls = []
+    for name in ("_attend_dense_native", "_read_backward_dense_native"):
+        fn = getattr(sab.fused, name)
+        monkeypatch.setattr(sab.fused, name,
+                            lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    out_n, grads_n, gx_n = _self_attention(True, max_memories, carry_graph)
+    assert set(calls) == {"_attend_dense_native", "_read_backward_dense_native"}
+    out_p, grads_p, gx_p = _self_attention(False, max_memories, carry_graph)
+    assert_forward_close(out_n, out_p)
+    assert_grads_close(gx_n, gx_p)
+    for name in grads_p:
+        assert_grads_close(grads_n[name], grads_p[name], msg=name)
+
+
+def test_dense_reads_beyond_the_rational_range_fall_back_to_the_python_read(monkeypatch):
+    """Queries beyond ``rational_limit`` (NaN in the rational scores): the C++ dense read
+    declines and the Python read runs — the same bits as the Python steps throughout."""
+    import sab.fused
+    declined = []
+    fn = sab.fused._attend_dense_native
+    monkeypatch.setattr(sab.fused, "_attend_dense_native",
+                        lambda *a: declined.append(fn(*a) is None) or None)
+    got = _self_attention(True, None, False, scale=1e4)
+    assert declined and all(declined)
+    want = _self_attention(False, None, False, scale=1e4)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+    for name in want[1]:
+        assert torch.equal(got[1][name], want[1][name]), name

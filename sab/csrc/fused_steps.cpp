@@ -19,6 +19,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -509,6 +510,184 @@ std::vector<Tensor> read_backward_sparse(const Tensor& ds, const Tensor& values,
   return {g_values, g_z, old};
 }
 
+// sab.fused._attend for a dense read (softmax over every memory of the window [start, stop):
+// the self-attention baseline, and SAB while n ≤ k_top) of the MLP scorer, one pass per batch
+// row: the scores v·tanh(q + k_i) in the rational form of the ranking (σ(2q + 2k) =
+// 1 / (1 + e^{−2q}·e^{−2k}), over the bank's cache ``cache`` = e^{−2k}), the softmax and
+// s(t) = Σ w_i m_i into ``s``.  Returns query, a = e^{−2q} (B, d), the window's values
+// (B, n, H) and cache rows (B, n, d) for the backward — copies with ``copy`` (a bank bounded by
+// max_memories rewrites its slots in place), else views of the bank's buffers (an append-only
+// bank never changes a written slot: it grows into new buffers) — ids (B, n), weights (B, n)
+// — or nothing where the
+// rational form gives NaN (a query or key beyond ``limit``): the caller then reads as the
+// Python does, through the sigmoid.  Equal to sab.cell's dense read to rounding.
+std::vector<Tensor> attend_dense(const Tensor& h_hat, const Tensor& w_q, const Tensor& b_q,
+                                 const Tensor& v, const Tensor& bank_values,
+                                 const Tensor& cache, const Tensor& slot_ids, int64_t start,
+                                 int64_t stop, double limit, bool copy, Tensor s) {
+  const int64_t B = h_hat.size(0), n = stop - start, H = bank_values.size(2),
+                d = cache.size(2);
+  check_rows(bank_values, "bank values");
+  check_rows(cache, "cache");
+  check_rows(s, "s");
+  Tensor query = at::linear(h_hat, w_q, b_q);
+  Tensor a = at::exp(at::mul(query, -2));
+  const Tensor qc = query.contiguous(), vc = v.contiguous();
+  Tensor values = copy ? at::empty({B, n, H}, bank_values.options())
+                       : bank_values.slice(1, start, stop);
+  Tensor crows = copy ? at::empty({B, n, d}, cache.options()) : cache.slice(1, start, stop);
+  Tensor weights = at::empty({B, n}, h_hat.options());
+  // (a copy: the bank's slots may be rewritten later in the chunk)
+  Tensor ids = slot_ids.slice(0, start, stop).clone().unsqueeze(0).expand({B, n});
+  std::atomic<bool> nan{false};
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "attend_dense", [&] {
+    using T = scalar_t;
+    const T* q = qc.data_ptr<T>();
+    T* ap = a.data_ptr<T>();
+    for (int64_t i = 0, m = a.numel(); i < m; ++i)
+      if (std::abs(q[i]) > limit) ap[i] = std::numeric_limits<T>::quiet_NaN();
+    const T* vp = vc.data_ptr<T>();
+    const T vsum = v.sum().template item<T>();
+    at::parallel_for(0, B, 4, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) {
+        const T* ab = ap + b * d;
+        T* w = weights.data_ptr<T>() + b * n;
+        T top = -std::numeric_limits<T>::infinity();
+        for (int64_t i = 0; i < n; ++i) {
+          const T* cb = row3<T>(cache, b, start + i);
+          if (copy) {
+            std::copy_n(row3<T>(bank_values, b, start + i), H, row3<T>(values, b, i));
+            std::copy_n(cb, d, row3<T>(crows, b, i));
+          }
+          T acc = 0;
+          _Pragma("omp simd reduction(+ : acc)")
+          for (int64_t j = 0; j < d; ++j) acc += vp[j] / (T(1) + ab[j] * cb[j]);
+          const T score = acc * 2 - vsum;  // Σ v_j tanh(q_j + k_ij)
+          if (std::isnan(score)) nan = true;
+          w[i] = score;
+          top = std::max(top, score);
+        }
+        T total = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          w[i] = std::exp(w[i] - top);
+          total += w[i];
+        }
+        T* out = row2<T>(s, b);
+        std::fill_n(out, H, T(0));
+        for (int64_t i = 0; i < n; ++i) {
+          w[i] /= total;
+          const T* val = row3<T>(values, b, i);
+          _Pragma("omp simd")
+          for (int64_t j = 0; j < H; ++j) out[j] += w[i] * val[j];
+        }
+      }
+    });
+  });
+  if (nan) return {};
+  return {query, a, values, crows, ids, weights};
+}
+
+// sab.fused._read_backward for a dense read of attend_dense, given ∂L/∂s (B, H), one pass per
+// batch row: ∂L/∂w_i = m_i·ds, ∂L/∂m_i = w_i ds, the softmax's ∂L/∂a_i = w_i (∂L/∂w_i −
+// Σ_k w_k ∂L/∂w_k), and the scorer's as in read_backward_sparse with σ_ij = 1 / (1 + a_j c_ij)
+// from the saved cache rows (no exponential).  ∂L/∂v is added into ``g_v``, ∂L/∂query written
+// into ``g_query``.  With ``local`` (rows [value | key] of the chunk-local buffer) this chunk's
+// memories' credit is added there directly (memories of earlier chunks left out) and nothing
+// else is returned; without it (a carried graph takes the credit) returns ∂L/∂values (B, n, H)
+// and ∂L/∂keys (B, n, d).
+std::vector<Tensor> read_backward_dense(const Tensor& ds, const Tensor& values,
+                                        const Tensor& crows, const Tensor& weights,
+                                        const Tensor& a, const Tensor& v, Tensor g_query,
+                                        Tensor g_v, const Tensor& ids, const OptTensor& local,
+                                        int64_t first, int64_t n_local) {
+  const int64_t B = values.size(0), n = values.size(1), H = values.size(2), d = crows.size(2);
+  check_rows(ds, "ds");
+  check_rows(g_query, "g_query");
+  check_rows(values, "values");
+  check_rows(crows, "cache rows");
+  const Tensor vc = v.contiguous(), ac = a.contiguous(), wc = weights.contiguous(),
+               idc = ids.contiguous();
+  Tensor g_values, g_z;
+  if (!local) {
+    g_values = at::empty({B, n, H}, values.options());
+    g_z = at::empty({B, n, d}, crows.options());
+  }
+  Tensor gv_rows = at::empty({B, d}, v.options());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "read_backward_dense", [&] {
+    using T = scalar_t;
+    const T *vp = vc.data_ptr<T>(), *ap = ac.data_ptr<T>(), *wp = wc.data_ptr<T>();
+    const int64_t* ip = idc.data_ptr<int64_t>();
+    T* loc = local ? local->data_ptr<T>() : nullptr;
+    const int64_t ld = H + d;
+    at::parallel_for(0, B, 4, [&](int64_t lo, int64_t hi) {
+      std::vector<T> gs(n);
+      for (int64_t b = lo; b < hi; ++b) {
+        const T* dsb = row2<T>(ds, b);
+        const T* w = wp + b * n;
+        T ga = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          const T* val = row3<T>(values, b, i);
+          T dw = 0;
+          _Pragma("omp simd reduction(+ : dw)")
+          for (int64_t j = 0; j < H; ++j) dw += val[j] * dsb[j];
+          gs[i] = dw;
+          ga += dw * w[i];
+        }
+        T* gq = row2<T>(g_query, b);
+        T* gv = gv_rows.data_ptr<T>() + b * d;
+        std::fill_n(gq, d, T(0));
+        std::fill_n(gv, d, T(0));
+        const T* ab = ap + b * d;
+        for (int64_t i = 0; i < n; ++i) {
+          const T g = w[i] * (gs[i] - ga);  // the softmax's backward
+          const T* cb = row3<T>(crows, b, i);
+          T *gval, *gz;  // where the memory's credit goes: its local row, or the outputs
+          if (loc != nullptr) {
+            const int64_t id = ip[b * n + i];
+            if (id < first) {  // a memory of an earlier chunk: only the query's and v's part
+              _Pragma("omp simd")
+              for (int64_t j = 0; j < d; ++j) {
+                const T sg = T(1) / (T(1) + ab[j] * cb[j]);
+                gq[j] += (sg - sg * sg) * (g * (vp[j] * 4));
+                gv[j] += g * (sg * 2 - 1);
+              }
+              continue;
+            }
+            T* dst = loc + (b * n_local + (id - first)) * ld;
+            gval = dst;
+            gz = dst + H;
+            _Pragma("omp simd")
+            for (int64_t j = 0; j < H; ++j) gval[j] += w[i] * dsb[j];
+            _Pragma("omp simd")
+            for (int64_t j = 0; j < d; ++j) {
+              const T sg = T(1) / (T(1) + ab[j] * cb[j]);
+              const T z = (sg - sg * sg) * (g * (vp[j] * 4));
+              gz[j] += z;
+              gq[j] += z;
+              gv[j] += g * (sg * 2 - 1);
+            }
+          } else {
+            gval = row3<T>(g_values, b, i);
+            gz = row3<T>(g_z, b, i);
+            _Pragma("omp simd")
+            for (int64_t j = 0; j < H; ++j) gval[j] = w[i] * dsb[j];
+            _Pragma("omp simd")
+            for (int64_t j = 0; j < d; ++j) {
+              const T sg = T(1) / (T(1) + ab[j] * cb[j]);
+              gz[j] = (sg - sg * sg) * (g * (vp[j] * 4));
+              gq[j] += gz[j];
+              gv[j] += g * (sg * 2 - 1);
+            }
+          }
+        }
+      }
+    });
+  });
+  g_v.add_(gv_rows.sum(0));
+  if (local) return {};
+  return {g_values, g_z};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rational_scores", &rational_scores);
   m.def("rank", &rank);
@@ -518,4 +697,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lstm_step_backward", &lstm_step_backward);
   m.def("attend_sparse", &attend_sparse);
   m.def("read_backward_sparse", &read_backward_sparse);
+  m.def("attend_dense", &attend_dense);
+  m.def("read_backward_dense", &read_backward_dense);
 }
