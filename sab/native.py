@@ -68,20 +68,21 @@ def _openmp_flags() -> list:
     return ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
 
 
-def _flags() -> list:
+def _flags(openmp: bool = True) -> list:
     # -ffp-contract=off: no fused multiply-adds, every operation rounded on its own as ATen's
     # (the fused LSTM backward is bit-identical to the ATen operations it replaces)
     return (["-O3", "-fopenmp-simd", "-ffp-contract=off"] + _ISA_FLAGS.get(_capability(), [])
-            + _openmp_flags())
+            + (_openmp_flags() if openmp else []))
 
 
-def _build_dir() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_flags()).encode()).hexdigest()[:12]
+def _build_dir(openmp: bool = True) -> Path:
+    flags = " ".join(_flags(openmp)).encode()
+    digest = hashlib.sha256(SOURCE.read_bytes() + flags).hexdigest()[:12]
     root = Path(os.environ.get("SAB_NATIVE_DIR", Path.home() / ".cache" / "sab"))
     return root / f"native-{torch.__version__}-{_capability()}-{digest}"
 
 
-def _load():
+def _load(openmp: bool = True):
     from torch.utils.cpp_extension import load
 
     if shutil.which("ninja") is None:  # the PyPI package (a dependency) installs it beside Python
@@ -90,7 +91,7 @@ def _load():
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except ImportError:
             pass  # load() then says that ninja is missing
-    build = _build_dir()
+    build = _build_dir(openmp)
     try:
         build.mkdir(parents=True, exist_ok=True)
     except OSError:  # no writable home: a directory of this user's under the temporary one
@@ -104,8 +105,15 @@ def _load():
     if not any(build.glob("*.so")):
         print(f"sab: compiling the C++ step functions (once, about a minute) into {build}",
               file=sys.stderr, flush=True)
-    return load("sab_fused_steps", [str(SOURCE)], extra_cflags=_flags(), build_directory=str(build),
-                verbose=False)
+    return load("sab_fused_steps", [str(SOURCE)], extra_cflags=_flags(openmp),
+                build_directory=str(build), verbose=False)
+
+
+def _error_line(e: Exception) -> str:
+    """The line of a failed build that says why: the compiler's ``: error`` line if any."""
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    return next((x for x in lines if ": error" in x.lower()),
+                next((x for x in lines if "error" in x.lower()), lines[-1])).strip()
 
 
 def kernels(part: str = "steps"):
@@ -119,12 +127,18 @@ def kernels(part: str = "steps"):
         try:
             _STATE["module"] = _load()
         except Exception as e:  # no compiler, headers missing, ...: the Python steps still run
-            lines = str(e).strip().splitlines() or [type(e).__name__]
-            why = next((x for x in lines if ": error" in x.lower()),  # the compiler's line
-                       next((x for x in lines if "error" in x.lower()), lines[-1])).strip()
-            warnings.warn(f"sab: the C++ step functions did not build ({why}); sab.fused runs "
-                          "its Python steps and the scorer ranks with ATen operations (the "
-                          "same results to rounding, slower)")
+            if _openmp_flags():  # a compiler without OpenMP: build without it
+                try:
+                    _STATE["module"] = _load(False)
+                    warnings.warn(f"sab: the C++ step functions built without -fopenmp "
+                                  f"({_error_line(e)}): their loops over the batch run on one "
+                                  "thread")
+                except Exception:
+                    pass
+            if _STATE["module"] is None:
+                warnings.warn(f"sab: the C++ step functions did not build ({_error_line(e)}); "
+                              "sab.fused runs its Python steps and the scorer ranks with ATen "
+                              "operations (the same results to rounding, slower)")
     return _STATE["module"]
 
 

@@ -29,7 +29,7 @@ def test_the_step_functions_build():
 def test_a_failed_build_falls_back_to_the_python_steps(monkeypatch):
     """A build that fails warns once, with the compiler's error line, and the layer runs its
     Python steps."""
-    def broken():
+    def broken(openmp=True):
         raise RuntimeError("ninja: compiling\nfused_steps.cpp:1: error: something\nstopped")
     monkeypatch.setitem(native._STATE, "module", None)
     monkeypatch.setitem(native._STATE, "tried", False)
@@ -41,6 +41,23 @@ def test_a_failed_build_falls_back_to_the_python_steps(monkeypatch):
     out, _ = layer(torch.randn(9, 2, 3))
     out.sum().backward()
     assert torch.isfinite(layer.scorers[0].v.grad).all()
+
+
+def test_a_compiler_without_openmp_builds_without_it(monkeypatch):
+    """Where ``-fopenmp`` fails (a compiler without OpenMP), the functions build without it,
+    with a warning that their loops run on one thread."""
+    built = object()
+
+    def load(openmp=True):
+        if openmp:
+            raise RuntimeError("fused_steps.cpp: fatal error: omp.h: No such file")
+        return built
+    monkeypatch.setitem(native._STATE, "module", None)
+    monkeypatch.setitem(native._STATE, "tried", False)
+    monkeypatch.setattr(native, "_openmp_flags", lambda: ["-fopenmp"])
+    monkeypatch.setattr(native, "_load", load)
+    with pytest.warns(UserWarning, match="built without -fopenmp .*omp.h"):
+        assert native.kernels() is built
 
 
 def test_a_stale_build_lock_is_removed(tmp_path, monkeypatch):
