@@ -239,10 +239,11 @@ def test_step_time_benchmark_reports_ratios_within_rounds(tmp_path):
     assert json.loads((tmp_path / "t.json").read_text())["median_ratio"] == res["median_ratio"]
 
 
-def test_steps_visited_counts_trained_runs(tmp_path, monkeypatch):
+def test_steps_visited_counts_trained_runs(tmp_path, monkeypatch, capsys):
     """benchmarks/steps_visited.py --runs on small trained adding and copying runs: without
     attention (k_top = 0) a loss at the last step visits exactly the last block (k_trunc = 3: the
-    steps from the last multiple of 3); with attention at least that and at most every step."""
+    steps from the last multiple of 3); with attention at least that and at most every step; the
+    steps holding 99.9% of the credit are among them."""
     monkeypatch.syspath_prepend(str(ROOT))
     from benchmarks import steps_visited
 
@@ -256,12 +257,17 @@ def test_steps_visited_counts_trained_runs(tmp_path, monkeypatch):
     Ts = [8, 13]
     out = steps_visited.main(["--T", *map(str, Ts), "--seqs", "2", "--train-steps", "0",
                               "--runs", *map(str, runs.values())])["runs"]
+    # the reference engine's non-zero input gradients are exactly the visited steps
+    assert "warning" not in capsys.readouterr().out
+    g = torch.tensor([0.0, 5.0, 3.0, 2.0])
+    assert steps_visited.credit_steps(g) == 3 and steps_visited.credit_steps(g, 0.5) == 1
     for (task, k_top), run in runs.items():
         for T in Ts:
             got = out[str(run)][T]
             L = T + 20 if task == "copy" else T
             last_block = L - (L - 1) // 3 * 3
             assert got["steps"] == L and math.isfinite(got["loss"])
+            assert 1 <= got["held"] <= got["visited"]  # 99.9% of the credit: within the visited
             if k_top == 0:
                 assert got["visited"] == last_block
             else:
