@@ -28,11 +28,11 @@ When the chunk comes with a carried graph, that graph has rows for this chunk's 
 (the sparse engine's gradient store covers every memory of its chunk), and all credit goes
 there.
 
-Each step's tensor work — the LSTM step and its backward, a sparse read and its backward — runs
-as one call into ``sab.native``'s C++ where that is built (the LSTM step bit-identical to the
-Python below, the sparse read a loop of its own equal to it to rounding, ``tests/test_native.py``;
-Python's dispatch cost was up to a third of a T=100 step), and as the Python below otherwise.  The loop, the bank's bookkeeping and the routing of credit
-to carried memories stay here.
+Each step's tensor work — the LSTM step and its backward, a read (sparse or dense) and its
+backward — runs as one call into ``sab.native``'s C++ where that is built (the LSTM step
+bit-identical to the Python below, the reads loops of their own equal to it to rounding,
+``tests/test_native.py``), and as the Python below otherwise.  The loop, the bank's bookkeeping
+and the routing of credit to carried memories stay here.
 """
 from __future__ import annotations
 

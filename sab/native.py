@@ -65,7 +65,8 @@ def _openmp_flags() -> list:
     """``-fopenmp`` where PyTorch runs its threads on OpenMP (its Linux builds): ATen's
     ``at::parallel_for`` in the kernels is then threaded like PyTorch's own operations (compiled
     without it, it runs serially).  Not linked: the OpenMP runtime is the one libtorch loads."""
-    return ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
+    linux_omp = sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+    return ["-fopenmp"] if linux_omp else []
 
 
 def _flags(openmp: bool = True) -> list:
