@@ -485,7 +485,9 @@ def _fmt_metric(value: Optional[float], metric: str) -> str:
         return "–"
     if metric == "acc":
         return f"{100 * value:.1f}%"
-    return f"{value:.3f}" if metric in ("bpc", "mse") else f"{value:.4g}"
+    if metric == "mse":  # three significant digits: a solved adding task scores 10⁻³ … 10⁻⁵
+        return f"{value:.3g}"
+    return f"{value:.3f}" if metric == "bpc" else f"{value:.4g}"
 
 
 def _fmt_paper(entry: Optional[dict]) -> str:

@@ -218,3 +218,12 @@ def test_a_diverged_row_records_where_and_the_report_says_so(tmp_path, monkeypat
     text = write_report(tmp_path, figures=False).read_text()
     assert "diverged: non-finite gradient at step 2" in \
         next(x for x in text.splitlines() if "`copy100-lstm`" in x)
+
+
+def test_metrics_are_formatted_with_the_digits_they_need():
+    from sab.repro import _fmt_metric
+    assert _fmt_metric(0.9109375, "acc") == "91.1%"
+    assert _fmt_metric(1.74213, "bpc") == "1.742"
+    assert _fmt_metric(0.000558409, "mse") == "0.000558"  # not "0.001"
+    assert _fmt_metric(0.1667, "mse") == "0.167"
+    assert _fmt_metric(None, "mse") == "–"
