@@ -113,6 +113,24 @@ Tensor rational_scores(const Tensor& a, const Tensor& cache, const Tensor& v) {
   return out;
 }
 
+namespace {
+
+// a = e^{−2q} (B, d) for the rational form, NaN where |q| exceeds ``limit`` (as
+// sab.scorer.MLPScorer.rank: exp(−2q).masked_fill_(|q| > limit, NaN), the mask as a loop)
+Tensor exp_query(const Tensor& query, double limit) {
+  Tensor a = at::exp(at::mul(query, -2));  // fresh, contiguous
+  const Tensor qc = query.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "exp_query", [&] {
+    const scalar_t* q = qc.data_ptr<scalar_t>();
+    scalar_t* ap = a.data_ptr<scalar_t>();
+    for (int64_t i = 0, n = a.numel(); i < n; ++i)
+      if (std::abs(q[i]) > limit) ap[i] = std::numeric_limits<scalar_t>::quiet_NaN();
+  });
+  return a;
+}
+
+}  // namespace
+
 // sab.scorer.MLPScorer.rank with the bank's cache (the rational form, falling back to the
 // sigmoid form where it gives NaN), the slots shifted by the window's ``start`` as
 // sab.cell.rank_memories does: (top (B, k), slots (B, k)).  The same values as the Python; the
@@ -121,16 +139,8 @@ Tensor rational_scores(const Tensor& a, const Tensor& cache, const Tensor& v) {
 std::vector<Tensor> rank(const Tensor& query, const Tensor& keys, const Tensor& cache,
                          const Tensor& v, int64_t k, double limit, int64_t start, int64_t tile) {
   static thread_local Tensor scratch;
-  Tensor a = at::exp(at::mul(query, -2));
-  const Tensor qc = query.contiguous();
   bool nan = false;
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "rank_mask", [&] {
-    const scalar_t* q = qc.data_ptr<scalar_t>();
-    scalar_t* ap = a.data_ptr<scalar_t>();  // fresh, contiguous
-    for (int64_t i = 0, n = a.numel(); i < n; ++i)
-      if (std::abs(q[i]) > limit) ap[i] = std::numeric_limits<scalar_t>::quiet_NaN();
-  });
-  Tensor scores = rational_scores(a, cache, v);
+  Tensor scores = rational_scores(exp_query(query, limit), cache, v);
   AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "rank_nan", [&] {
     const scalar_t* sp = scores.data_ptr<scalar_t>();
     for (int64_t i = 0, n = scores.numel(); i < n && !nan; ++i) nan = std::isnan(sp[i]);
@@ -531,8 +541,8 @@ std::vector<Tensor> attend_dense(const Tensor& h_hat, const Tensor& w_q, const T
   check_rows(cache, "cache");
   check_rows(s, "s");
   Tensor query = at::linear(h_hat, w_q, b_q);
-  Tensor a = at::exp(at::mul(query, -2));
-  const Tensor qc = query.contiguous(), vc = v.contiguous();
+  Tensor a = exp_query(query, limit);
+  const Tensor vc = v.contiguous();
   Tensor values = copy ? at::empty({B, n, H}, bank_values.options())
                        : bank_values.slice(1, start, stop);
   Tensor crows = copy ? at::empty({B, n, d}, cache.options()) : cache.slice(1, start, stop);
@@ -542,10 +552,7 @@ std::vector<Tensor> attend_dense(const Tensor& h_hat, const Tensor& w_q, const T
   std::atomic<bool> nan{false};
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "attend_dense", [&] {
     using T = scalar_t;
-    const T* q = qc.data_ptr<T>();
-    T* ap = a.data_ptr<T>();
-    for (int64_t i = 0, m = a.numel(); i < m; ++i)
-      if (std::abs(q[i]) > limit) ap[i] = std::numeric_limits<T>::quiet_NaN();
+    const T* ap = a.data_ptr<T>();
     const T* vp = vc.data_ptr<T>();
     const T vsum = v.sum().template item<T>();
     at::parallel_for(0, B, 4, [&](int64_t lo, int64_t hi) {
