@@ -4,8 +4,9 @@ A SAB time step dispatches about 200 tensor operations, and called from Python e
 1–3 µs more than the same call from C++ (``python -m benchmarks.dispatch``): at T=100 up to a
 third of the step.  ``csrc/fused_steps.cpp`` holds the step's pieces — the LSTM step and its
 backward (the same ATen calls, in the same order, as the Python they replace: the same numbers
-bit for bit), and a sparse read (ranking, gather, threshold, summary) and its backward with the
-credit to the chunk's memories, written as loops over the batch rows (their ~15 and ~30 ATen
+bit for bit; the pointwise backward as one pass that rounds the same), and a read (sparse:
+ranking, gather, threshold, summary; or dense: softmax over every memory) and its backward with
+the credit to the chunk's memories, written as loops over the batch rows (their ~15 and ~30 ATen
 operations on a few hundred elements each cost more in ATen's per-operation overhead than in
 arithmetic): equal to the Python steps to rounding, with the same memories selected
 (``tests/test_native.py``).  Every path that reads through them — training, evaluation, the

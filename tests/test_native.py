@@ -99,12 +99,12 @@ def _sparse_engine(kw, on, chunks=(7, 10), seed=0, dtype=torch.float64):
         return torch.stack(losses), param_grads(layer)
 
 
-def _spy_reads(monkeypatch):
-    """Names of the C++ read functions called through ``sab.fused`` (appended to the list
-    returned)."""
+def _spy_reads(monkeypatch, names=("_attend_native", "_read_backward_native")):
+    """Names of the C++ read functions ``names`` called through ``sab.fused`` (appended to the
+    list returned)."""
     import sab.fused
     calls = []
-    for name in ("_attend_native", "_read_backward_native"):
+    for name in names:
         fn = getattr(sab.fused, name)
         monkeypatch.setattr(sab.fused, name,
                             lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
@@ -239,12 +239,7 @@ def test_dense_reads_equal_the_python_steps(max_memories, carry_graph, monkeypat
     memory, scores in the ranking's rational form) against the Python reads (sigmoid form),
     float64: outputs to rounding, gradients to 1e-10 — with a bank that rewrites its slots
     (``max_memories``) and with the state carried with and without its graph."""
-    import sab.fused
-    calls = []
-    for name in ("_attend_dense_native", "_read_backward_dense_native"):
-        fn = getattr(sab.fused, name)
-        monkeypatch.setattr(sab.fused, name,
-                            lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+    calls = _spy_reads(monkeypatch, ("_attend_dense_native", "_read_backward_dense_native"))
     out_n, grads_n, gx_n = _self_attention(True, max_memories, carry_graph)
     assert set(calls) == {"_attend_dense_native", "_read_backward_dense_native"}
     out_p, grads_p, gx_p = _self_attention(False, max_memories, carry_graph)

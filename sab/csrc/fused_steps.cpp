@@ -280,13 +280,8 @@ std::vector<Tensor> pointwise_backward_fused(const Tensor& gh, const Tensor& gc,
 std::vector<Tensor> lstm_step_backward(const Tensor& gh, const Tensor& gc, const Tensor& act,
                                        const Tensor& c_prev, const Tensor& tc, Tensor dgates,
                                        const Tensor& w_hh, bool cut) {
-  if (cut) {
-    Tensor unused = at::empty_like(c_prev, at::MemoryFormat::Contiguous);
-    pointwise_grads_fused(gh, gc, act, c_prev, tc, dgates, unused);
-    return {at::zeros_like(gh), at::zeros_like(unused)};
-  }
-  Tensor dc_prev = at::empty_like(c_prev, at::MemoryFormat::Contiguous);
-  pointwise_grads_fused(gh, gc, act, c_prev, tc, dgates, dc_prev);
+  Tensor dc_prev = pointwise_backward_fused(gh, gc, act, c_prev, tc, dgates)[1];
+  if (cut) return {at::zeros_like(gh), at::zeros_like(dc_prev)};
   return {at::matmul(dgates, w_hh), dc_prev};
 }
 
@@ -614,10 +609,10 @@ std::vector<Tensor> read_backward_dense(const Tensor& ds, const Tensor& values,
   check_rows(crows, "cache rows");
   const Tensor vc = v.contiguous(), ac = a.contiguous(), wc = weights.contiguous(),
                idc = ids.contiguous();
-  Tensor g_values, g_z;
+  Tensor g_values, g_z;  // without ``local``: the credit accumulates here instead
   if (!local) {
-    g_values = at::empty({B, n, H}, values.options());
-    g_z = at::empty({B, n, d}, crows.options());
+    g_values = at::zeros({B, n, H}, values.options());
+    g_z = at::zeros({B, n, d}, crows.options());
   }
   Tensor gv_rows = at::empty({B, d}, v.options());
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "read_backward_dense", [&] {
@@ -648,43 +643,27 @@ std::vector<Tensor> read_backward_dense(const Tensor& ds, const Tensor& values,
         for (int64_t i = 0; i < n; ++i) {
           const T g = w[i] * (gs[i] - ga);  // the softmax's backward
           const T* cb = row3<T>(crows, b, i);
-          T *gval, *gz;  // where the memory's credit goes: its local row, or the outputs
-          if (loc != nullptr) {
-            const int64_t id = ip[b * n + i];
-            if (id < first) {  // a memory of an earlier chunk: only the query's and v's part
-              _Pragma("omp simd")
-              for (int64_t j = 0; j < d; ++j) {
-                const T sg = T(1) / (T(1) + ab[j] * cb[j]);
-                gq[j] += (sg - sg * sg) * (g * (vp[j] * 4));
-                gv[j] += g * (sg * 2 - 1);
-              }
-              continue;
-            }
-            T* dst = loc + (b * n_local + (id - first)) * ld;
-            gval = dst;
-            gz = dst + H;
-            _Pragma("omp simd")
-            for (int64_t j = 0; j < H; ++j) gval[j] += w[i] * dsb[j];
-            _Pragma("omp simd")
-            for (int64_t j = 0; j < d; ++j) {
-              const T sg = T(1) / (T(1) + ab[j] * cb[j]);
-              const T z = (sg - sg * sg) * (g * (vp[j] * 4));
-              gz[j] += z;
-              gq[j] += z;
-              gv[j] += g * (sg * 2 - 1);
-            }
-          } else {
+          // where the memory's credit goes: its local row, the outputs, or nowhere (a memory
+          // of an earlier chunk carried without a graph: only the query's and v's part)
+          T *gval = nullptr, *gz = nullptr;
+          if (loc == nullptr) {
             gval = row3<T>(g_values, b, i);
             gz = row3<T>(g_z, b, i);
+          } else if (ip[b * n + i] >= first) {
+            gval = loc + (b * n_local + (ip[b * n + i] - first)) * ld;
+            gz = gval + H;
+          }
+          if (gval != nullptr) {
             _Pragma("omp simd")
-            for (int64_t j = 0; j < H; ++j) gval[j] = w[i] * dsb[j];
-            _Pragma("omp simd")
-            for (int64_t j = 0; j < d; ++j) {
-              const T sg = T(1) / (T(1) + ab[j] * cb[j]);
-              gz[j] = (sg - sg * sg) * (g * (vp[j] * 4));
-              gq[j] += gz[j];
-              gv[j] += g * (sg * 2 - 1);
-            }
+            for (int64_t j = 0; j < H; ++j) gval[j] += w[i] * dsb[j];
+          }
+          _Pragma("omp simd")
+          for (int64_t j = 0; j < d; ++j) {
+            const T sg = T(1) / (T(1) + ab[j] * cb[j]);
+            const T z = (sg - sg * sg) * (g * (vp[j] * 4));
+            if (gz != nullptr) gz[j] += z;
+            gq[j] += z;
+            gv[j] += g * (sg * 2 - 1);
           }
         }
       }
