@@ -50,7 +50,7 @@ _TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "lr": "lr",
                 "lr_schedule": "lr_schedule", "clip": "clip",
                 "eval_every": "eval_every", "ckpt_every": "ckpt_every",
                 "eval_batch": "eval_batch", "seed": "seed", "engine": "engine",
-                "threads": "threads", "device": "device"}
+                "credit_tol": "credit_tol", "threads": "threads", "device": "device"}
 
 # --dry-run sizes; the task's own (its ``dry_run``: T, seq_len, eval_size ...) are added
 DRY_RUN = {"steps": 2, "batch_size": 4, "eval_every": 1, "ckpt_every": 2, "eval_batch": 4,
@@ -85,6 +85,13 @@ def _nonneg_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not (value >= 0 and value != float("inf")):
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = _nonneg_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
     return value
 
 
@@ -169,6 +176,10 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=S, help="seed of data and initialisation (default 0)")
     g.add_argument("--engine", choices=sorted(ENGINES), default=S,
                    help="forward/backward engine (default reference)")
+    g.add_argument("--credit-tol", type=_unit_float, default=S,
+                   help="sparse engine only, an approximation (not SAB's credit rule): cut off a "
+                        "memory whose credit is below this fraction of the largest memory's, "
+                        "and skip what only it reached (default 0: exact)")
     g.add_argument("--threads", type=_positive_int, default=S,
                    help="torch threads on CPU (default 1)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default=S)

@@ -48,8 +48,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def reference(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
-              return_attention: bool = False) -> EngineResult:
+              return_attention: bool = False, credit_tol: float = 0.0) -> EngineResult:
     """Plain autograd over the whole chunk: keeps the graph of every step (SPEC §4)."""
+    if credit_tol:
+        raise ValueError(f"credit_tol={credit_tol!r} needs engine='sparse' (the reference engine "
+                         "computes the exact gradient)")
     if getattr(_unwrap(model), "batch_first", False):
         raise ValueError("engines take time-major input: build the model with batch_first=False")
     output, new_state, records = model(x, state, return_attention=True)  # (T, B, H)
@@ -141,8 +144,17 @@ def _linear_store(layer, l: int, carried, T: int, B: int, like: Tensor):
 
 
 def sparse(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
-           return_attention: bool = False) -> EngineResult:
-    """Sparse backtracking (SPEC §4): recompute only the blocks that hold a loss or credit."""
+           return_attention: bool = False, credit_tol: float = 0.0) -> EngineResult:
+    """Sparse backtracking (SPEC §4): recompute only the blocks that hold a loss or credit.
+
+    ``credit_tol`` (default 0: the exact gradient, equal to the reference engine's) is an opt-in
+    approximation, *not SAB's credit rule*: when the sweep reaches a block, a memory written in
+    it whose credit from later blocks has norm ‖g_i‖ (values and keys, over the batch) below
+    ``credit_tol · G`` — G the largest such norm met so far in this layer's sweep, this block's
+    included — is cut off: its credit is discarded and the reads inside its own block send it
+    none (the reference engine with that memory detached computes the same), and a block left
+    without loss or credit is skipped.  ``stats`` then counts ``memories_cut`` and lists their
+    ids per layer in ``cut_ids``."""
     layer = _unwrap(model)
     if not isinstance(layer, SABLSTM) or layer.dense:
         raise ValueError(f"the sparse engine runs SABLSTM models; use engine='reference' for "
@@ -151,6 +163,9 @@ def sparse(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
         raise ValueError("engines take time-major input: build the model with batch_first=False")
     if torch.is_tensor(x) and x.dim() != 3:
         raise ValueError("the sparse engine takes batched input (T, B, I)")
+    if isinstance(credit_tol, bool) or not isinstance(credit_tol, (int, float)) \
+            or not 0.0 <= credit_tol < 1.0:
+        raise ValueError(f"credit_tol must be a number in [0, 1), got {credit_tol!r}")
     x_in = x
     x, _ = layer._prepare_input(x.detach())  # (T, B, I)
     T, B, _ = x.shape
@@ -181,6 +196,7 @@ def sparse(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
     # ---- backward: reverse sweep over blocks ---------------------------------------------------
     total = x.new_zeros(())
     visited = skipped = 0
+    cut_ids: List[List[int]] = [[] for _ in range(L)]
     grad_out: Optional[Tensor] = None  # (T, B, H) credit for the current layer's outputs
     need_input_grad = x_in.requires_grad
     for l in reversed(range(L)):
@@ -192,6 +208,7 @@ def sparse(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
             n_rows = store.values.shape[1]
             graph = _Graph(first_id, store.values.new_zeros(B, n_rows, layer.hidden_size),
                            store.keys.new_zeros(B, n_rows, store.key_size))
+        scale = 0.0  # G of credit_tol: the largest credit norm of a memory met so far
         want_in = l > 0 or need_input_grad
         grad_in = torch.zeros_like(plan.inputs) if want_in else None
         log = plan.log
@@ -211,6 +228,9 @@ def sparse(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
                 with_grad = grad_out[start:stop].flatten(1).any(1).nonzero()
                 has_loss = bool(with_grad.numel())
                 loss_last = start + int(with_grad[-1]) if has_loss else -1
+            if credit_tol and graph is not None:
+                ids, scale = graph.cut_small(bnd.next_id, end_id, credit_tol, scale)
+                cut_ids[l] += ids
             has_credit = graph is not None and graph.is_touched(bnd.next_id, end_id)
             if not (has_loss or has_credit):
                 skipped += 1
@@ -256,15 +276,19 @@ def sparse(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
     new_state = RecurrentState(torch.stack(hs), torch.stack(cs), memory, st.step + T)
     return EngineResult(total, new_state, records if return_attention else None,
                         {"steps": T * L, "steps_backpropagated": visited,
-                         "blocks_skipped": skipped})
+                         "blocks_skipped": skipped, "memories_cut": sum(map(len, cut_ids)),
+                         "cut_ids": cut_ids})
 
 
 ENGINES = {"reference": reference, "sparse": sparse}
 
 
 def forward_backward(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
-                     engine: str = "reference", return_attention: bool = False) -> EngineResult:
-    """Forward and backward over one chunk with the chosen engine (see module docs)."""
+                     engine: str = "reference", return_attention: bool = False,
+                     credit_tol: float = 0.0) -> EngineResult:
+    """Forward and backward over one chunk with the chosen engine (see module docs);
+    ``credit_tol`` > 0 (sparse engine only) drops negligible credit: see :func:`sparse`."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {sorted(ENGINES)}, got {engine!r}")
-    return ENGINES[engine](model, x, loss_fn, state, return_attention=return_attention)
+    return ENGINES[engine](model, x, loss_fn, state, return_attention=return_attention,
+                           credit_tol=credit_tol)

@@ -56,6 +56,7 @@ class _Graph:
         self.grad_k = grad_k  # (B, n_ids, d_k)
         self.touched = None if grad_v is None else torch.zeros(
             grad_v.shape[1], dtype=torch.bool, device=grad_v.device)  # (n_ids,) any credit
+        self.cut = None  # (n_ids,) memories cut off from credit (the sparse engine's credit_tol)
 
     def _ensure(self, like_v: Tensor, like_k: Tensor) -> None:
         B, H, dk = like_v.shape[0], like_v.shape[-1], like_k.shape[-1]
@@ -68,6 +69,10 @@ class _Graph:
                 grad_v[:, :have] = self.grad_v
                 grad_k[:, :have] = self.grad_k
                 touched[:have] = self.touched
+            if self.cut is not None:
+                cut = torch.zeros_like(touched)
+                cut[:self.cut.shape[0]] = self.cut
+                self.cut = cut
             self.grad_v, self.grad_k, self.touched = grad_v, grad_k, touched
 
     def accumulate(self, ids: Tensor, gv: Tensor, gk: Tensor) -> None:
@@ -79,6 +84,8 @@ class _Graph:
         B, m = ids.shape
         rel = ids - self.first_id  # (B, m)
         valid = rel >= 0  # older memories came in detached
+        if self.cut is not None:  # memories cut off get nothing, from any read
+            valid = valid & ~self.cut[(ids - self.first_id).clamp(0, self.cut.shape[0] - 1)]
         touched = valid & ((gv != 0).any(-1) | (gk != 0).any(-1))  # (B, m)
         if not bool(valid.all()):
             gv = gv * valid.unsqueeze(-1)
@@ -95,6 +102,32 @@ class _Graph:
         if self.touched is None:
             return False
         return bool(self.touched[max(lo - self.first_id, 0): max(hi - self.first_id, 0)].any())
+
+    def cut_small(self, lo: int, hi: int, tol: float, scale: float) -> tuple[List[int], float]:
+        """The sparse engine's opt-in credit tolerance: of the memories with id in ``[lo, hi)``
+        that hold credit, cut off those whose credit norm (values and keys, over the batch) is
+        below ``tol · G``, ``G = max(scale, the largest norm among them)``: their credit is
+        discarded and no read sends them any from now on (as if detached).  Returns the ids cut
+        and ``G``."""
+        if self.touched is None or hi <= lo:
+            return [], scale
+        a, b = max(lo - self.first_id, 0), max(hi - self.first_id, 0)
+        b = min(b, self.touched.shape[0])
+        if b <= a or not bool(self.touched[a:b].any()):
+            return [], scale
+        norms = (self.grad_v[:, a:b].pow(2).sum((0, 2))
+                 + self.grad_k[:, a:b].pow(2).sum((0, 2))).sqrt()  # (b - a,)
+        scale = max(scale, float(norms.max()))
+        small = self.touched[a:b] & (norms < tol * scale)
+        rows = small.nonzero().flatten()
+        if rows.numel():
+            if self.cut is None:
+                self.cut = torch.zeros_like(self.touched)
+            self.cut[a + rows] = True
+            self.touched[a + rows] = False
+            self.grad_v[:, a + rows] = 0
+            self.grad_k[:, a + rows] = 0
+        return [self.first_id + a + int(r) for r in rows], scale
 
     def take(self, mem_id: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """The accumulated gradient of one memory, (B, H) and (B, d_k); zeroed once taken."""

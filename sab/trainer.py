@@ -107,6 +107,7 @@ class TrainConfig:
     eval_batch: int = 128  # evaluation batch (memory only; the metrics do not depend on it)
     seed: int = 0
     engine: str = "reference"  # one of sab.engines.ENGINES
+    credit_tol: float = 0.0  # sparse engine only: drop negligible credit (not SAB's rule; 0: exact)
     threads: int = 1  # torch.set_num_threads on CPU; two 1-thread runs beat one 2-thread run
     device: str = "auto"  # auto (cuda if available), cpu, cuda
 
@@ -133,6 +134,12 @@ class RunConfig:
             raise ConfigError(f"model must be one of {sorted(MODELS)}, got {m.name!r}")
         if t.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {sorted(ENGINES)}, got {t.engine!r}")
+        if isinstance(t.credit_tol, bool) or not isinstance(t.credit_tol, (int, float)) \
+                or not 0.0 <= t.credit_tol < 1.0:
+            raise ConfigError(f"credit_tol must be a number in [0, 1), got {t.credit_tol!r}")
+        if t.credit_tol and t.engine != "sparse":
+            raise ConfigError(f"credit_tol={t.credit_tol} needs engine 'sparse' (the "
+                              f"{t.engine} engine computes the exact gradient)")
         if t.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {t.device!r}")
         try:
@@ -379,7 +386,7 @@ class Trainer:
     @staticmethod
     def _zero_running() -> dict:
         return {"loss": 0.0, "n": 0, "grad_norm": 0.0, "grad_norm_max": 0.0, "h_norm": 0.0,
-                "c_norm": 0.0, "t0_wall": 0.0}
+                "c_norm": 0.0, "backprop_fraction": 0.0, "memories_cut": 0, "t0_wall": 0.0}
 
     @property
     def is_writer(self) -> bool:
@@ -466,10 +473,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         use_ddp = self.ddp is not None and t.engine == "reference"
         if use_ddp:  # DDP's forward is SequenceModel.forward, which embeds token inputs itself
-            result = forward_backward(self.ddp, chunk.x, loss_fn, self.state, engine=t.engine)
+            result = forward_backward(self.ddp, chunk.x, loss_fn, self.state, engine=t.engine,
+                                      credit_tol=t.credit_tol)
         else:  # token ids (T, B) -> (T, B, E); the engines send x's gradient to the embedding
             result = forward_backward(self.model.rnn, self.model.encode(chunk.x), loss_fn,
-                                      self.state, engine=t.engine)
+                                      self.state, engine=t.engine, credit_tol=t.credit_tol)
         if self.ddp is not None and not use_ddp:
             _average_gradients(self.params, self.world)
         loss = result.loss.detach().to(torch.float64)
@@ -495,7 +503,9 @@ class Trainer:
         self.state = self.task.carry(result.state) if self.task.carries_state else None
         h, c = result.state.h, result.state.c  # (L, B, H)
         return {"loss": loss, "grad_norm": grad_norm, "h_norm": h.norm(dim=-1).mean().item(),
-                "c_norm": c.norm(dim=-1).mean().item()}
+                "c_norm": c.norm(dim=-1).mean().item(),
+                "backprop_fraction": result.stats["steps_backpropagated"] / result.stats["steps"],
+                "memories_cut": result.stats.get("memories_cut", 0)}
 
     def evaluate(self, T: Optional[int] = None) -> dict:
         self.model.eval()
@@ -515,6 +525,10 @@ class Trainer:
                      "grad_norm_max": r["grad_norm_max"] if r["n"] else None,
                      "h_norm": r["h_norm"] / n if r["n"] else None,
                      "c_norm": r["c_norm"] / n if r["n"] else None})
+        if self.config.train.engine == "sparse":  # the share of cell steps backpropagated
+            line["backprop_fraction"] = r.get("backprop_fraction", 0.0) / n if r["n"] else None
+            if self.config.train.credit_tol:
+                line["memories_cut"] = r.get("memories_cut", 0) / n if r["n"] else None
         if self.rank == 0:
             self.history.append(line)
             if self.is_writer:
@@ -564,6 +578,8 @@ class Trainer:
                 r["grad_norm_max"] = max(r["grad_norm_max"], stats["grad_norm"])
                 r["h_norm"] += stats["h_norm"]
                 r["c_norm"] += stats["c_norm"]
+                for key in ("backprop_fraction", "memories_cut"):  # (older checkpoints lack them)
+                    r[key] = r.get(key, 0) + stats[key]
                 if self.step % t.eval_every == 0 or self.step == t.steps:
                     last = self._log_eval()
                     if bar.disable and self.rank == 0 and self.out is not None:

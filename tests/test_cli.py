@@ -54,6 +54,8 @@ def _error(capsys, argv):
     (["train", "--out", "x", "--hidden", "0"], "expected an integer >= 1"),
     (["train", "--out", "x", "--lr", "abc"], "expected a number"),
     (["train", "--out", "x", "--engine", "warp"], "invalid choice: 'warp'"),
+    (["train", "--out", "x", "--credit-tol", "1"], "expected a number in [0, 1)"),
+    (["train", "--out", "x", "--credit-tol", "0.01"], "credit_tol=0.01 needs engine 'sparse'"),
     (["train", "--out", "x", "--task", "adding", "--one-hot"], "no option one_hot"),
     (["train", "--out", "x", "--task", "copy", "--adding-target", "mean"], "no option target"),
     (["train", "--out", "x", "--batch-size", "64", "--lr", "0"], "lr must be > 0"),

@@ -225,3 +225,69 @@ def test_zero_credit_marks_no_memory_for_a_visit():
     assert not graph.is_touched(10, 11) and graph.is_touched(11, 12)
     gv2, _ = graph.take(11)
     assert float(gv2[0, 2]) == 0.5 and graph.take(10) == (None, None)
+
+
+TOL_CONFIGS = [
+    dict(k_trunc=3, k_top=2, k_att=1),
+    dict(k_trunc=5, k_top=3, k_att=2, block_score_grad=True, delta_grad=True, att_eps=0.01),
+    dict(k_trunc=4, k_top=2, k_att=3, scorer="dot"),
+]
+
+
+@pytest.mark.parametrize("kw", TOL_CONFIGS)
+@pytest.mark.parametrize("tol", [0.1, 0.3])
+def test_credit_tol_equals_the_reference_with_the_cut_memories_detached(kw, tol, monkeypatch):
+    """The opt-in credit tolerance is defined as: the memories it cuts off get no credit at all.
+    The reference engine over the per-step graph, with exactly those memories detached (their
+    rows of the credit accumulator never filled), computes the same gradients; and the cut
+    engine never visits more steps than the exact one."""
+    from sab.memory import _Graph
+    T, B = 48, 2
+    layer = make_sab(3, 5, seed=3, **kw)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T, B, 3, dtype=torch.float64, generator=g)
+    r = torch.randn(T, B, 5, dtype=torch.float64, generator=g)
+    loss_fn = last_step_loss(r, T)
+    exact, g_exact = run(layer, "sparse", x, loss_fn)
+    layer.zero_grad()
+    cut = forward_backward(layer, x, loss_fn, engine="sparse", credit_tol=tol)
+    g_cut = param_grads(layer)
+    ids = cut.stats["cut_ids"][0]
+    assert cut.stats["memories_cut"] == len(ids) > 0  # the test cuts something...
+    assert cut.stats["steps_backpropagated"] <= exact.stats["steps_backpropagated"]
+    assert any(not torch.allclose(g_cut[n], g_exact[n]) for n in g_exact)  # ...that mattered
+
+    accumulate = _Graph.accumulate
+
+    def detached(self, mem_ids, gv, gk):  # the reference, with memories `ids` detached
+        self._ensure(gv, gk)
+        if self.cut is None:
+            self.cut = torch.zeros_like(self.touched)
+        for i in ids:
+            if 0 <= i - self.first_id < self.cut.shape[0]:
+                self.cut[i - self.first_id] = True
+        accumulate(self, mem_ids, gv, gk)
+
+    monkeypatch.setattr(_Graph, "accumulate", detached)
+    layer.fast_path = False  # the per-step graph: every read's credit goes through accumulate
+    _, g_ref = run(layer, "reference", x, loss_fn)
+    for name in g_ref:
+        torch.testing.assert_close(g_cut[name], g_ref[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_credit_tol_zero_is_exact_and_bad_values_are_refused():
+    T, B = 30, 2
+    layer = make_sab(3, 5, k_trunc=3, k_top=2, k_att=1)
+    x = torch.randn(T, B, 3, dtype=torch.float64)
+    loss_fn = last_step_loss(torch.randn(T, B, 5, dtype=torch.float64), T)
+    _, g_exact = run(layer, "sparse", x, loss_fn)
+    layer.zero_grad()
+    res = forward_backward(layer, x, loss_fn, engine="sparse", credit_tol=0.0)
+    assert res.stats["memories_cut"] == 0
+    for name, grad in param_grads(layer).items():
+        assert torch.equal(grad, g_exact[name])
+    for bad in (-0.1, 1.0, True, "0.1"):
+        with pytest.raises(ValueError, match="credit_tol must be a number in"):
+            forward_backward(layer, x, loss_fn, engine="sparse", credit_tol=bad)
+    with pytest.raises(ValueError, match="needs engine='sparse'"):
+        forward_backward(layer, x, loss_fn, engine="reference", credit_tol=0.1)

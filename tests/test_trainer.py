@@ -300,3 +300,29 @@ def test_dispatch_benchmark_compares_bit_identical_versions(tmp_path):
     with Count():
         pointwise_backward(x[0], x[1], act, x[2], x[3], dgates)
     assert len(calls) == dispatch.N_OPS
+
+
+def test_sparse_engine_runs_log_the_share_backpropagated_and_the_credit_cut(tmp_path):
+    """With the sparse engine a run's metrics say which share of the cell steps the backward
+    visited; with a credit tolerance, how many memories it cut off per step (adding: a loss at
+    the last step, so the share is below 1; a tolerance can only lower it here)."""
+    shares = {}
+    for tol in (0.0, 0.5):
+        cfg = tiny("sab", steps=6, engine="sparse", credit_tol=tol, eval_every=3)
+        cfg.task, cfg.task_options = "adding", {"T": 30, "eval_size": 32}
+        Trainer(cfg, tmp_path / str(tol)).run()
+        lines = [json.loads(s) for s in (tmp_path / str(tol) / METRICS).read_text().splitlines()]
+        lines = [line for line in lines if line["step"] > 0]  # (step 0: the untrained model)
+        assert len(lines) == 2 and all(0 < line["backprop_fraction"] < 1 for line in lines)
+        assert ("memories_cut" in lines[-1]) == (tol > 0)
+        shares[tol] = lines[0]["backprop_fraction"]  # the same first steps: same parameters
+    assert shares[0.5] <= shares[0.0]
+
+
+def test_credit_tol_is_a_config_error_outside_the_sparse_engine():
+    cfg = tiny("sab", credit_tol=0.1)
+    with pytest.raises(ConfigError, match="credit_tol=0.1 needs engine 'sparse'"):
+        cfg.resolved()
+    cfg.train.engine, cfg.train.credit_tol = "sparse", 1.5
+    with pytest.raises(ConfigError, match=r"credit_tol must be a number in \[0, 1\)"):
+        cfg.resolved()
