@@ -216,8 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps per window (state carried) for long sequences")
     p.add_argument("--threads", type=_positive_int, default=None)
 
-    p = sub.add_parser("plot", help="learning curves and attention map of a run (PNG)")
-    p.add_argument("--run", required=True, help="run directory")
+    p = sub.add_parser("plot", help="learning curves and attention map of a run (PNG); with "
+                                    "several --run, one metric of them all in one figure")
+    p.add_argument("--run", required=True, action="append",
+                   help="run directory (repeat it to compare runs)")
+    p.add_argument("--out", help="with several --run: the PNG to write (default compare.png)")
+    p.add_argument("--metric", help="with several --run: the metric (default the task's main "
+                                    "one, e.g. acc, mse, bpc)")
 
     p = sub.add_parser("demo", help="SAB vs TBPTT on copying, side by side (the README's job)")
     p.add_argument("--out", default="runs/demo", help="directory of the two runs")
@@ -323,9 +328,17 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .plots import plot_run
+    from .plots import plot_compare, plot_run
 
-    for path in plot_run(args.run):
+    if len(args.run) > 1:
+        try:
+            print(plot_compare(args.run, args.out or "compare.png", args.metric))
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        return 0
+    if args.out or args.metric:
+        raise CLIError("--out and --metric compare several runs: give --run more than once")
+    for path in plot_run(args.run[0]):
         print(path)
     return 0
 
@@ -424,7 +437,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command in ("data", "repro"):
             return args.func(args)
         return handlers[args.command](args)
-    except ConfigError as e:
+    except (ConfigError, CLIError) as e:
         parser.error(str(e))  # exits with status 2
     except DataError as e:  # a missing or bad data file: the data layer says what to do
         print(f"sab: error: {e}", file=sys.stderr)

@@ -57,6 +57,50 @@ def plot_curves(metrics: List[dict], path, title: str = "") -> Path:
     return path
 
 
+def plot_compare(runs, path, metric: Optional[str] = None) -> Path:
+    """One evaluation metric of several runs against the step, in one figure (e.g. a run and its
+    variant with another engine or setting); ``metric`` defaults to the first run's task's main
+    metric (``eval_acc``, ``eval_mse``, ``eval_bpc``).  Returns the PNG's path."""
+    from .tasks import TASKS
+    from .trainer import METRICS, RunConfig
+
+    runs = [Path(r) for r in runs]
+    if len(runs) < 2:
+        raise ValueError(f"plot_compare takes two or more runs, got {len(runs)}")
+    series = []
+    for run in runs:
+        if not (run / METRICS).exists():
+            raise ValueError(f"{run} holds no {METRICS}: not a run directory")
+        lines = [json.loads(x) for x in (run / METRICS).read_text().splitlines() if x.strip()]
+        series.append((run, lines))
+    if metric is None:
+        config = RunConfig.load(runs[0] / "config.json")
+        metric = f"eval_{TASKS[config.task].main_metric}"
+    metric = metric if metric.startswith("eval_") or metric == "train_loss" else f"eval_{metric}"
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = 0
+    for run, lines in series:
+        pts = [(m["step"], m[metric]) for m in lines if m.get(metric) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker=".", ms=3, label=f"{run.parent.name}/{run.name}")
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        raise ValueError(f"no run logged {metric}")
+    if metric.endswith(("mse", "ce", "ce10", "loss")):
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def attention_matrix(record, sample: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(memories × steps) weights of one sequence from an AttentionRecord (time-major), and the
     write step of each row.  Rows are the memories read at least once, in write order."""

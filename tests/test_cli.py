@@ -105,6 +105,36 @@ def test_eval_at_other_lengths_and_plot(tmp_path, capsys):
         assert (run / name).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # (the mocked plot draws none)
+def test_plot_compares_runs(tmp_path, capsys):
+    """``sab plot`` with several --run draws one metric of each (the task's main one unless
+    --metric says) into --out; bad uses are usage errors."""
+    from unittest import mock
+
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run, engine in zip(runs, ("reference", "sparse")):
+        main(["train", "--dry-run", "--model", "sab", "--engine", engine, "--out", str(run)])
+    capsys.readouterr()
+    out = tmp_path / "cmp.png"
+    with mock.patch("matplotlib.axes.Axes.plot", autospec=True,
+                    side_effect=lambda ax, *a, **k: [None]) as drawn:
+        assert main(["plot", *sum((["--run", str(r)] for r in runs), []), "--out", str(out)]) == 0
+    labels = [call.kwargs["label"] for call in drawn.call_args_list]
+    assert labels == [f"{tmp_path.name}/a", f"{tmp_path.name}/b"]
+    steps, accs = drawn.call_args_list[0].args[1:3]  # the run's eval_acc against the step
+    logged = [json.loads(x) for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    assert list(accs) == [m["eval_acc"] for m in logged if m.get("eval_acc") is not None]
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert main(["plot", "--run", str(runs[0]), "--run", str(runs[1]), "--metric", "ce10",
+                 "--out", str(out)]) == 0
+    assert "no run logged eval_bpc" in _error(capsys, ["plot", "--run", str(runs[0]), "--run",
+                                                      str(runs[1]), "--metric", "bpc"])
+    assert "give --run more than once" in _error(capsys, ["plot", "--run", str(runs[0]),
+                                                          "--out", str(out)])
+    assert "not a run directory" in _error(capsys, ["plot", "--run", str(runs[0]), "--run",
+                                                   str(tmp_path / "nope")])
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     main(["train", "--dry-run", "--out", str(tmp_path)])
     err = _error(capsys, ["train", "--dry-run", "--hidden", "9", "--out", str(tmp_path)])
