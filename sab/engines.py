@@ -143,6 +143,13 @@ def _linear_store(layer, l: int, carried, T: int, B: int, like: Tensor):
     return store
 
 
+def check_credit_tol(credit_tol) -> None:
+    """``credit_tol`` must be a number in [0, 1); raises ValueError."""
+    if isinstance(credit_tol, bool) or not isinstance(credit_tol, (int, float)) \
+            or not 0.0 <= credit_tol < 1.0:
+        raise ValueError(f"credit_tol must be a number in [0, 1), got {credit_tol!r}")
+
+
 def sparse(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
            return_attention: bool = False, credit_tol: float = 0.0) -> EngineResult:
     """Sparse backtracking (SPEC §4): recompute only the blocks that hold a loss or credit.
@@ -163,9 +170,7 @@ def sparse(model: nn.Module, x: Tensor, loss_fn: LossFn, state=None,
         raise ValueError("engines take time-major input: build the model with batch_first=False")
     if torch.is_tensor(x) and x.dim() != 3:
         raise ValueError("the sparse engine takes batched input (T, B, I)")
-    if isinstance(credit_tol, bool) or not isinstance(credit_tol, (int, float)) \
-            or not 0.0 <= credit_tol < 1.0:
-        raise ValueError(f"credit_tol must be a number in [0, 1), got {credit_tol!r}")
+    check_credit_tol(credit_tol)
     x_in = x
     x, _ = layer._prepare_input(x.detach())  # (T, B, I)
     T, B, _ = x.shape

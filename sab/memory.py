@@ -85,7 +85,7 @@ class _Graph:
         rel = ids - self.first_id  # (B, m)
         valid = rel >= 0  # older memories came in detached
         if self.cut is not None:  # memories cut off get nothing, from any read
-            valid = valid & ~self.cut[(ids - self.first_id).clamp(0, self.cut.shape[0] - 1)]
+            valid = valid & ~self.cut[rel.clamp(0, self.cut.shape[0] - 1)]
         touched = valid & ((gv != 0).any(-1) | (gk != 0).any(-1))  # (B, m)
         if not bool(valid.all()):
             gv = gv * valid.unsqueeze(-1)

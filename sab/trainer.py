@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .engines import ENGINES, forward_backward
+from .engines import ENGINES, check_credit_tol, forward_backward
 from .heads import SequenceModel
 from .models import MODELS, build_rnn, model_arguments
 from .tasks import TASKS, Task, derive_seed
@@ -134,9 +134,10 @@ class RunConfig:
             raise ConfigError(f"model must be one of {sorted(MODELS)}, got {m.name!r}")
         if t.engine not in ENGINES:
             raise ConfigError(f"engine must be one of {sorted(ENGINES)}, got {t.engine!r}")
-        if isinstance(t.credit_tol, bool) or not isinstance(t.credit_tol, (int, float)) \
-                or not 0.0 <= t.credit_tol < 1.0:
-            raise ConfigError(f"credit_tol must be a number in [0, 1), got {t.credit_tol!r}")
+        try:
+            check_credit_tol(t.credit_tol)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if t.credit_tol and t.engine != "sparse":
             raise ConfigError(f"credit_tol={t.credit_tol} needs engine 'sparse' (the "
                               f"{t.engine} engine computes the exact gradient)")
