@@ -138,6 +138,9 @@ class RunConfig:
             check_credit_tol(t.credit_tol)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if t.engine == "sparse" and m.name != "sab":
+            raise ConfigError(f"engine 'sparse' trains SAB models; model {m.name!r} trains with "
+                              "engine 'reference'")
         if t.credit_tol and t.engine != "sparse":
             raise ConfigError(f"credit_tol={t.credit_tol} needs engine 'sparse' (the "
                               f"{t.engine} engine computes the exact gradient)")
@@ -606,9 +609,11 @@ def _format_line(line: dict) -> str:
     return "  ".join(parts)
 
 
-# fields that may change between a run and its resumption (they do not change the computation)
+# fields that may change between a run and its resumption (they do not change the computation;
+# the two engines compute the same gradients, tests/test_engines.py, to rounding)
 _RESUMABLE = {("train", "steps"), ("train", "eval_every"), ("train", "ckpt_every"),
-              ("train", "threads"), ("train", "eval_batch"), ("task", "data_dir")}
+              ("train", "threads"), ("train", "eval_batch"), ("train", "engine"),
+              ("task", "data_dir")}
 
 
 def _check_same_run(saved: RunConfig, new: RunConfig, out: Path) -> None:
@@ -621,5 +626,5 @@ def _check_same_run(saved: RunConfig, new: RunConfig, out: Path) -> None:
                 raise ConfigError(
                     f"{out} holds a run with {section}.{key} = {a[section].get(key)!r}, but this "
                     f"command asks for {b[section].get(key)!r}; resume with the same settings "
-                    f"(only steps, eval_every, ckpt_every, threads, eval_batch, data_dir may change) or "
+                    f"(only steps, eval_every, ckpt_every, threads, eval_batch, engine, data_dir may change) or "
                     f"choose another --out")

@@ -141,6 +141,20 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     assert "model.hidden" in err and "another --out" in err
 
 
+def test_a_sab_run_may_switch_engines_on_resume(tmp_path, capsys):
+    """The engines compute the same gradients: a SAB run resumes with the other one; the sparse
+    engine for a baseline is a usage error, not a traceback."""
+    run = str(tmp_path / "run")
+    main(["train", "--dry-run", "--model", "sab", "--out", run])
+    assert main(["train", "--dry-run", "--model", "sab", "--steps", "4", "--engine", "sparse",
+                 "--out", run]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 4 and "backprop_fraction" in lines[-1]
+    err = _error(capsys, ["train", "--dry-run", "--model", "lstm", "--engine", "sparse",
+                          "--out", str(tmp_path / "lstm")])
+    assert "engine 'sparse' trains SAB models" in err
+
+
 def test_python_dash_m_sab_and_help():
     import subprocess
     import sys
