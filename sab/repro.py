@@ -649,17 +649,24 @@ def write_report(results="results", paper_file=PAPER_FILE, figures: bool = True,
             L.append(f"![learning curves]({Path('figures') / figs[table].name})")
             L.append("")
         if table == "copy200":
+            legend = ("on one evaluation sequence (rows: memories by the step that wrote them; "
+                      "columns: the step reading):")
+            own = records["copy200-sab-5-5"]
             if "attention" in figs:
-                whose = "`copy200-sab-5-5`" if "attention_from" not in figs else (
-                    f"`{figs['attention_from']}`, **trained at T=100** and read unchanged at "
-                    f"T=200 (`copy200-sab-5-5` has not been run),")
-                L.append(f"Attention of {whose} on one evaluation sequence (rows: memories by the "
-                         f"step that wrote them; columns: the step reading):")
-                L.append("")
-                L.append(f"![attention map, copying T=200](figures/{figs['attention'].name})")
-            else:
-                L.append("Attention map of `copy200-sab-5-5`: not run.")
-            L.append("")
+                last = [m for m in own.metrics if m.get("eval_acc") is not None]
+                when = (f" at its last checkpoint (step {own.steps:,}"
+                        + (f"; accuracy {100 * last[-1]['eval_acc']:.1f}% at step "
+                           f"{last[-1]['step']:,}" if last else "") + ")")
+                L += [f"Attention of `copy200-sab-5-5`{when} {legend}", "",
+                      f"![attention map, copying T=200](figures/{figs['attention'].name})", ""]
+            if "attention_t100" in figs:
+                why = ("has not been run" if not own.exists else "is unfinished")
+                L += [f"Attention of `{figs['attention_from']}`, **trained at T=100** and read "
+                      f"unchanged at T=200 (`copy200-sab-5-5` {why}), {legend}", "",
+                      f"![attention map, copying T=200, T=100 model]"
+                      f"(figures/{figs['attention_t100'].name})", ""]
+            if "attention" not in figs and "attention_t100" not in figs:
+                L += ["Attention map of `copy200-sab-5-5`: not run.", ""]
     plots = [(n, p) for n in with_data for p in ("curves.png", "attention.png")
              if (results / "runs" / n / p).exists()]
     if plots:
@@ -768,18 +775,22 @@ def _figures(results: Path, records: Dict[str, RunRecord], fig_dir: Path) -> dic
     if (run / "attention.png").exists():
         out["attention"] = fig_dir / "attention_copy200.png"
         shutil.copyfile(run / "attention.png", out["attention"])
-    else:  # no T=200 run: a T=100 SAB model read at T=200 (the transfer's model), said so
-        for name in ATTENTION_FROM_T100:
-            src = results / "runs" / name
-            if (src / "ckpt.pt").exists():
-                try:
-                    from .plots import plot_run
-                    path = fig_dir / f"attention_copy200_from_{name}.png"
-                    plot_run(src, T=200, attention_path=path)
-                    out["attention"], out["attention_from"] = path, name
-                    break
-                except Exception:  # a checkpoint this code cannot read: try the next
-                    continue
+    # a T=100 SAB model read at T=200 (the transfer's model), beside the T=200 run's own map
+    # while that one is unfinished (an early checkpoint's map shows little)
+    done = records["copy200-sab-5-5"].steps or 0
+    if done >= ROWS["copy200-sab-5-5"].train["steps"]:
+        return out
+    for name in ATTENTION_FROM_T100:
+        src = results / "runs" / name
+        if (src / "ckpt.pt").exists():
+            try:
+                from .plots import plot_run
+                path = fig_dir / f"attention_copy200_from_{name}.png"
+                plot_run(src, T=200, attention_path=path)
+                out["attention_t100"], out["attention_from"] = path, name
+                break
+            except Exception:  # a checkpoint this code cannot read: try the next
+                continue
     return out
 
 

@@ -155,6 +155,20 @@ def test_report_draws_copy200_attention_from_a_t100_model_without_a_t200_run(tmp
     fig = tmp_path / "figures" / "attention_copy200_from_copy100-sab-5-5.png"
     assert fig.exists() and fig.stat().st_size > 0
     assert f"figures/{fig.name}" in text and "**trained at T=100**" in text
+    assert "has not been run" in text and "figures/attention_copy200.png" not in text
+
+
+def test_report_draws_an_unfinished_copy200_run_beside_the_t100_model(tmp_path):
+    """An unfinished `copy200-sab-5-5` run: its own map, captioned with its step and accuracy,
+    and the T=100 model's read at T=200 beside it."""
+    rows = select_rows(["copy100-sab-5-5", "copy200-sab-5-5"])
+    assert run_rows(rows, tmp_path, steps=2, dry_run=True, plot=False, log=lambda _: None) == 0
+    text = write_report(tmp_path).read_text()
+    assert "![attention map, copying T=200](figures/attention_copy200.png)" in text
+    assert "`copy200-sab-5-5` at its last checkpoint (step 2; accuracy" in text
+    assert "(`copy200-sab-5-5` is unfinished)" in text
+    for name in ("attention_copy200.png", "attention_copy200_from_copy100-sab-5-5.png"):
+        assert (tmp_path / "figures" / name).stat().st_size > 0
 
 
 def test_stop_requested_checkpoints_and_resumes_exactly(tmp_path):
