@@ -107,7 +107,8 @@ class TrainConfig:
     eval_batch: int = 128  # evaluation batch (memory only; the metrics do not depend on it)
     seed: int = 0
     engine: str = "reference"  # one of sab.engines.ENGINES
-    credit_tol: float = 0.0  # sparse engine only: drop negligible credit (not SAB's rule; 0: exact)
+    credit_tol: float = 0.0  # sparse engine only: drop negligible credit (not SAB's rule; 0: exact;
+    # with several processes each one cuts on its own slice of the batch)
     threads: int = 1  # torch.set_num_threads on CPU; two 1-thread runs beat one 2-thread run
     device: str = "auto"  # auto (cuda if available), cpu, cuda
 
