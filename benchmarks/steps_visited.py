@@ -71,7 +71,7 @@ def run_visited(run: str, Ts, seqs: int, tols=()) -> dict:
     """Per T, the mean steps backpropagated for a loss at the last step, and the mean loss, of
     the trained model in ``run`` (an adding or copying run; one sequence per measurement); also
     how the credit spreads over them: the reference engine's input gradient of the same loss
-    has exactly as many non-zero steps (checked), and ``held`` is the mean number of steps that
+    has no more non-zero steps (checked; fewer where float32 gates saturate), and ``held`` is the mean number of steps that
     hold 99.9% of Σ_t |∂L/∂x_t| (what an engine dropping negligible credit would still visit);
     per ``credit_tol`` in ``tols``, the steps that approximation visits and its gradient's
     relative error."""
