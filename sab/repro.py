@@ -467,6 +467,13 @@ class RunRecord:
             steps.append(self.status["step"])
         return max(steps) if steps else None
 
+    def planned(self, row: "Row") -> int:
+        """The steps the run was planned for: as recorded, else the row's."""
+        return self.status["planned"] if self.status else row.train["steps"]
+
+    def unfinished(self, row: "Row") -> bool:
+        return (self.steps or 0) < self.planned(row)
+
     @property
     def wall_s(self) -> Optional[float]:
         walls = [m["time"] for m in self.metrics if m.get("time") is not None]
@@ -541,9 +548,8 @@ def _steps(rec: RunRecord, row: Row) -> str:
     done = rec.steps
     if done is None:
         return "–"
-    planned = rec.status["planned"] if rec.status else row.train["steps"]
-    text = f"{done:,} / {planned:,}"
-    if done < planned:
+    text = f"{done:,} / {rec.planned(row):,}"
+    if rec.unfinished(row):
         text += " (unfinished)"
     if rec.status and rec.status.get("diverged_at"):
         text += f" (diverged: non-finite gradient at step {rec.status['diverged_at']:,})"
@@ -592,8 +598,7 @@ def write_report(results="results", paper_file=PAPER_FILE, figures: bool = True,
              "*unfinished* runs keep their `ckpt.pt` in git and resume with `sab repro run ROW`. "
              "**wall time**: training time, evaluations included. **not run**: no run directory.")
     L.append("")
-    n_unfinished = sum(1 for n in with_data if (records[n].steps or 0) <
-                       (records[n].status or {}).get("planned", ROWS[n].train["steps"]))
+    n_unfinished = sum(1 for n in with_data if records[n].unfinished(ROWS[n]))
     for note in NOTES:
         L.append(f"- {note}")
     L.append("")
@@ -777,9 +782,8 @@ def _figures(results: Path, records: Dict[str, RunRecord], fig_dir: Path) -> dic
         shutil.copyfile(run / "attention.png", out["attention"])
     # a T=100 SAB model read at T=200 (the transfer's model), beside the T=200 run's own map
     # while that one is unfinished (an early checkpoint's map shows little)
-    done = records["copy200-sab-5-5"].steps or 0
-    if done >= ROWS["copy200-sab-5-5"].train["steps"]:
-        return out
+    if (records["copy200-sab-5-5"].steps or 0) >= ROWS["copy200-sab-5-5"].train["steps"]:
+        return out  # (against the row's budget: a dry run's own tiny plan does not count)
     for name in ATTENTION_FROM_T100:
         src = results / "runs" / name
         if (src / "ckpt.pt").exists():
