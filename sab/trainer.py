@@ -531,9 +531,9 @@ class Trainer:
                      "h_norm": r["h_norm"] / n if r["n"] else None,
                      "c_norm": r["c_norm"] / n if r["n"] else None})
         if self.config.train.engine == "sparse":  # the share of cell steps backpropagated
-            line["backprop_fraction"] = r.get("backprop_fraction", 0.0) / n if r["n"] else None
+            line["backprop_fraction"] = r["backprop_fraction"] / n if r["n"] else None
             if self.config.train.credit_tol:
-                line["memories_cut"] = r.get("memories_cut", 0) / n if r["n"] else None
+                line["memories_cut"] = r["memories_cut"] / n if r["n"] else None
         if self.rank == 0:
             self.history.append(line)
             if self.is_writer:
