@@ -241,3 +241,27 @@ def test_metrics_are_formatted_with_the_digits_they_need():
     assert _fmt_metric(0.000558409, "mse") == "0.000558"  # not "0.001"
     assert _fmt_metric(0.1667, "mse") == "0.167"
     assert _fmt_metric(None, "mse") == "–"
+
+
+def test_the_gpu_script_resumes_rows_and_copies_their_run_directories(tmp_path):
+    """benchmarks/gpu_repro.sh, as the device tool runs it (here on the CPU): each row resumes
+    from its run directory and the whole directory comes back under $OUT/runs/."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    results, out = tmp_path / "results", tmp_path / "out"
+    rows = select_rows(["copy100-lstm", "adding400-lstm"])
+    assert run_rows(rows[:1], results, steps=2, dry_run=True, plot=False, log=lambda s: None) == 0
+    env = {**os.environ, "OUT": str(out), "RESULTS": str(results), "PYTHON": sys.executable,
+           "ROWS": "copy100-lstm adding4*-lstm", "MINUTES": "5", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", "benchmarks/gpu_repro.sh", "--dry-run", "--steps", "3"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["adding400-lstm", "copy100-lstm"]
+    copied = out / "runs" / "copy100-lstm"
+    steps = [json.loads(x)["step"] for x in (copied / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]  # resumed at 2, not restarted
+    assert len(json.loads((copied / "hardware.json").read_text())["sessions"]) == 2
+    assert (copied / "ckpt.pt").exists() and (out / "repro_run.log").stat().st_size > 0
