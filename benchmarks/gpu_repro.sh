@@ -6,13 +6,14 @@
 #   ROWS="copy300-lstm" MINUTES=8 OUT=$OUT bash benchmarks/gpu_repro.sh
 #
 # Full-BPTT LSTM rows are the ones worth it: cuDNN trains copying T=200 at ~2.4 ms a step on an
-# H200 (results/benchmarks/step_time_cuda.log), ~100x the CPU; SAB's step is launch-bound there
+# H200 (results/benchmarks/step_time_cuda.log); SAB's step is launch-bound there
 # (~0.55 s at T=200, slower than this CPU), so SAB rows stay on the CPU.
 #
 # Each row resumes from its committed checkpoint (results/runs/<row>/ckpt.pt) and stops with a
 # checkpoint after MINUTES (the tool's command limit is 10 minutes); the rows run in turn and
 # share the MINUTES.  Every row's run directory is then copied to $OUT/runs/<row>.  Back here:
-#   cp -r <files_at>/runs/<row> results/runs/ && sab repro report
+#   cp -r --no-preserve=mode <files_at>/runs/<row> results/runs/ && sab repro report
+# (the tool hands files back read-only; the run appends to metrics.jsonl when it resumes).
 # The run's hardware.json keeps one entry per session (CPU or GPU), so the report's hardware
 # column says which machines trained the row.  Extra arguments go to `sab repro run`.
 set -u
