@@ -474,6 +474,10 @@ class RunRecord:
     def unfinished(self, row: "Row") -> bool:
         return (self.steps or 0) < self.planned(row)
 
+    def evals(self, key: str) -> List[dict]:
+        """The metrics lines that hold ``key`` (``eval_acc``, ...): the evaluations, in order."""
+        return [m for m in self.metrics if m.get(key) is not None]
+
     @property
     def wall_s(self) -> Optional[float]:
         walls = [m["time"] for m in self.metrics if m.get("time") is not None]
@@ -525,19 +529,13 @@ def _fmt_wall(seconds: Optional[float]) -> str:
     return f"{h} h {m:02d} min" if h else (f"{m} min {s:02d} s" if m else f"{s} s")
 
 
-def _best(metrics: List[dict], key: str, better: str) -> Optional[dict]:
-    pts = [m for m in metrics if m.get(key) is not None]
-    if not pts:
-        return None
-    return (max if better == "higher" else min)(pts, key=lambda m: m[key])
-
-
 def _ours(rec: RunRecord, metric: str, better: str) -> str:
     key = f"eval_{metric}"
-    pts = [m for m in rec.metrics if m.get(key) is not None]
+    pts = rec.evals(key)
     if not pts:
         return "no data (run directory without evaluations in metrics.jsonl)"
-    last, best = pts[-1], _best(pts, key, better)
+    last = pts[-1]
+    best = (max if better == "higher" else min)(pts, key=lambda m: m[key])
     text = f"{_fmt_metric(last[key], metric)} (step {last['step']:,})"
     if best is not last and best[key] != last[key]:
         text += f"; best {_fmt_metric(best[key], metric)} (step {best['step']:,})"
@@ -658,10 +656,12 @@ def write_report(results="results", paper_file=PAPER_FILE, figures: bool = True,
                       "columns: the step reading):")
             own = records["copy200-sab-5-5"]
             if "attention" in figs:
-                last = [m for m in own.metrics if m.get("eval_acc") is not None]
-                when = (f" at its last checkpoint (step {own.steps:,}"
-                        + (f"; accuracy {100 * last[-1]['eval_acc']:.1f}% at step "
-                           f"{last[-1]['step']:,}" if last else "") + ")")
+                when = f" at its last checkpoint (step {own.steps:,}"
+                acc = own.evals("eval_acc")
+                if acc:
+                    when += (f"; accuracy {_fmt_metric(acc[-1]['eval_acc'], 'acc')} at step "
+                             f"{acc[-1]['step']:,}")
+                when += ")"
                 L += [f"Attention of `copy200-sab-5-5`{when} {legend}", "",
                       f"![attention map, copying T=200](figures/{figs['attention'].name})", ""]
             if "attention_t100" in figs:
@@ -718,14 +718,12 @@ def _figures(results: Path, records: Dict[str, RunRecord], fig_dir: Path) -> dic
             continue
         key = f"eval_{metric}"
         series = [(r, records[r.name]) for r in ROWS.values()
-                  if r.table == table and any(m.get(key) is not None
-                                              for m in records[r.name].metrics)]
+                  if r.table == table and records[r.name].evals(key)]
         if not series:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for row, rec in series:
-            pts = [(m["step"], m[key] * (100 if metric == "acc" else 1)) for m in rec.metrics
-                   if m.get(key) is not None]
+            pts = [(m["step"], m[key] * (100 if metric == "acc" else 1)) for m in rec.evals(key)]
             style = "-" if row.model["name"] == "sab" else "--"
             ax.plot(*zip(*pts), style, marker=".", ms=3, label=row.label)
         ax.set_xlabel("training step")
@@ -747,7 +745,7 @@ def _figures(results: Path, records: Dict[str, RunRecord], fig_dir: Path) -> dic
         for e in _read_jsonl(results / "runs" / name / EVALS):
             if e.get("trained_T") == 100 and e.get("acc") is not None:
                 evals[e["T"]] = e["acc"]
-        trained = [m for m in records[name].metrics if m.get("eval_acc") is not None]
+        trained = records[name].evals("eval_acc")
         if trained:
             evals.setdefault(100, trained[-1]["eval_acc"])
         if len(evals) > 1:
