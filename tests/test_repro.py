@@ -1,5 +1,8 @@
 """`sab repro`: the row table, the paper's numbers, running rows (resumable) and the report."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -246,10 +249,6 @@ def test_metrics_are_formatted_with_the_digits_they_need():
 def test_the_gpu_script_resumes_rows_and_copies_their_run_directories(tmp_path):
     """benchmarks/gpu_repro.sh, as the device tool runs it (here on the CPU): each row resumes
     from its run directory and the whole directory comes back under $OUT/runs/."""
-    import os
-    import subprocess
-    import sys
-
     root = Path(__file__).resolve().parents[1]
     results, out = tmp_path / "results", tmp_path / "out"
     rows = select_rows(["copy100-lstm", "adding400-lstm"])
