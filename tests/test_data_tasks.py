@@ -4,6 +4,7 @@ learns with both engines, an untrained model scores about log2(vocab) bits per c
 data root without the files gives the data layer's message."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,6 +216,40 @@ def test_reset_memory_carries_h_and_c_only(root):
     trainer.task.config.reset_memory = True
     trainer.run()
     assert trainer.state.memory is None and trainer.state.step == 32
+
+
+@pytest.mark.parametrize("model", ["lstm", "sab"])
+def test_carried_state_benchmark(root, tmp_path, monkeypatch, model):
+    """benchmarks/carried_state.py: its "carried" loss is the loss the next training step
+    computes, and where the weights did not move (lr 1e-12) the state the frozen weights
+    produce from the epoch's start is the carried one (no gap, whichever part is swapped)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from benchmarks import carried_state
+    for lr, out_dir in ((3e-3, tmp_path / "moved"), (1e-12, tmp_path / "still")):
+        config = lm_config(root, steps=5, model=model)
+        config.train.lr = lr
+        Trainer(config, out_dir).run()
+        out = carried_state.main(["--run", str(out_dir), "--windows", "3"])
+        assert out["step"] == 5 and out["row"] == 5 * 16 and out["own_from_row"] == 0
+        assert [w["row"] for w in out["windows"]] == [80, 96, 112]
+        nxt = Trainer(config, None)
+        nxt.load_checkpoint(torch.load(out_dir / "ckpt.pt", weights_only=False))
+        assert out["windows"][0]["carried"] == pytest.approx(nxt.train_step()["loss"], rel=1e-6)
+        assert bool(out["swaps"]) == (model == "sab")
+    for w in out["windows"]:  # lr 1e-12
+        assert w["own"] == pytest.approx(w["carried"], abs=1e-5) and w["mean_abs_dh"] < 1e-5
+    for loss in out["swaps"].values():
+        assert loss == pytest.approx(out["windows"][0]["carried"], abs=1e-5)
+
+
+def test_carried_state_benchmark_needs_a_carrying_task(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from benchmarks import carried_state
+    config = RunConfig("copy", {"T": 3, "eval_size": 8}, ModelConfig(name="lstm", hidden=8),
+                       TrainConfig(steps=2, batch_size=4, eval_every=2, ckpt_every=2))
+    Trainer(config, tmp_path).run()
+    with pytest.raises(SystemExit, match="does not carry its state"):
+        carried_state.main(["--run", str(tmp_path)])
 
 
 @pytest.mark.parametrize("model", ["lstm", "sab"])
