@@ -22,22 +22,23 @@ import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
 
 from sab.data import iter_windows
 from sab.state import RecurrentState
+from sab.tasks import Chunk
 from sab.trainer import CKPT, RunConfig, Trainer
 
 from .common import base_parser, finish, fmt_table, machine
 
 
 def _window_loss(model, task, columns, row: int, seq_len: int, state):
-    """(mean cross-entropy in nats, state after) of the window starting at ``row``."""
+    """(the task's training loss — mean cross-entropy in nats —, state after) of the window
+    starting at ``row``."""
     x, y = next(iter_windows(columns, seq_len, row))  # (L, B) each
+    loss_fn = task.loss_fn(Chunk(x, y, False), model.readout)
     with torch.no_grad():
         output, state, records = model(x, task.carry(state), return_attention=True)
-        logits = model.readout(output, records[-1].summary)  # (L, B, V)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss = loss_fn(0, x.shape[0], output, records[-1].summary)
     return loss.item(), state
 
 
