@@ -26,9 +26,8 @@ import torch
 from sab.data import iter_windows
 from sab.state import RecurrentState
 from sab.tasks import Chunk
-from sab.trainer import CKPT, RunConfig, Trainer
 
-from .common import base_parser, finish, fmt_table, machine
+from .common import base_parser, finish, fmt_table, machine, trainer_at_checkpoint
 
 
 def _window_loss(model, task, columns, row: int, seq_len: int, state):
@@ -60,14 +59,10 @@ def main(argv=None) -> dict:
     if args.warmup is not None and args.warmup < 0:
         p.error(f"--warmup must be >= 0 rows, got {args.warmup}")
     torch.set_num_threads(args.threads)
-    config = RunConfig.load(f"{args.run}/config.json")
-    config.train.device = "cpu"
-    trainer = Trainer(config, None)
-    ckpt = torch.load(f"{args.run}/{CKPT}", map_location="cpu", weights_only=False)
-    trainer.load_checkpoint(ckpt)
+    trainer, ckpt = trainer_at_checkpoint(args.run)
     task, model, stream = trainer.task, trainer.model.eval(), trainer.stream
     if not task.carries_state or not hasattr(stream, "columns"):
-        raise SystemExit(f"carried_state: the {config.task} task does not carry its state "
+        raise SystemExit(f"carried_state: the {trainer.config.task} task does not carry its state "
                          f"between training windows; use a ptb or text8 run")
     columns, seq_len, row = stream.columns, stream.seq_len, stream.row  # columns (N, B)
     last = columns.shape[0] - 1  # the last row a window can start before

@@ -18,6 +18,7 @@ from sab.engines import forward_backward
 from sab.heads import SequenceModel
 from sab.naive import naive_forward
 from sab.tasks import copying_batch, encode_copying
+from sab.trainer import CKPT, CONFIG, RunConfig, Trainer
 
 H, B = 128, 64
 K_TRUNC, K_TOP, K_ATT = 5, 5, 2
@@ -162,6 +163,17 @@ def reset_peak_rss() -> None:
             f.write("5")
     except OSError:
         pass
+
+
+def trainer_at_checkpoint(run: str):
+    """(trainer, checkpoint) of a run directory, on the CPU, resumed at its checkpoint: the
+    model, optimizer, data stream position and carried state as the next step would see them."""
+    config = RunConfig.load(f"{run}/{CONFIG}")
+    config.train.device = "cpu"
+    trainer = Trainer(config, None)
+    ckpt = torch.load(f"{run}/{CKPT}", map_location="cpu", weights_only=False)
+    trainer.load_checkpoint(ckpt)
+    return trainer, ckpt
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

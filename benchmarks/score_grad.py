@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 
 from sab.engines import forward_backward
-from sab.trainer import CKPT, RunConfig, Trainer
 
-from .common import base_parser, finish, fmt_table, machine
+from .common import base_parser, finish, fmt_table, machine, trainer_at_checkpoint
 
 
 def _groups(model) -> dict:
@@ -40,13 +39,10 @@ def main(argv=None) -> dict:
     p.add_argument("--batches", type=int, default=3)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    config = RunConfig.load(f"{args.run}/config.json")
+    trainer, ckpt = trainer_at_checkpoint(args.run)
+    config = trainer.config
     if config.model.name != "sab" or not config.model.block_score_grad:
         raise SystemExit("score_grad: needs a SAB run trained with block_score_grad")
-    config.train.device = "cpu"
-    trainer = Trainer(config, None)
-    ckpt = torch.load(f"{args.run}/{CKPT}", map_location="cpu", weights_only=False)
-    trainer.load_checkpoint(ckpt)
     model, layer = trainer.model, trainer.model.rnn
     chunks = [next(trainer.stream) for _ in range(args.batches)]
     groups = _groups(model)
