@@ -58,8 +58,7 @@ def main(argv=None) -> dict:
         p.error(f"--windows must be >= 1, got {args.windows}")
     if args.warmup is not None and args.warmup < 0:
         p.error(f"--warmup must be >= 0 rows, got {args.warmup}")
-    torch.set_num_threads(args.threads)
-    trainer, ckpt = trainer_at_checkpoint(args.run)
+    trainer, ckpt = trainer_at_checkpoint(args.run, args.threads)
     task, model, stream = trainer.task, trainer.model.eval(), trainer.stream
     if not task.carries_state or not hasattr(stream, "columns"):
         raise SystemExit(f"carried_state: the {trainer.config.task} task does not carry its state "

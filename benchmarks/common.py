@@ -165,11 +165,13 @@ def reset_peak_rss() -> None:
         pass
 
 
-def trainer_at_checkpoint(run: str):
-    """(trainer, checkpoint) of a run directory, on the CPU, resumed at its checkpoint: the
-    model, optimizer, data stream position and carried state as the next step would see them."""
+def trainer_at_checkpoint(run: str, threads: int):
+    """(trainer, checkpoint) of a run directory, on the CPU with ``threads`` torch threads (the
+    benchmark's, not the run's own), resumed at its checkpoint: the model, optimizer, data stream
+    position and carried state as the next step would see them."""
     config = RunConfig.load(f"{run}/{CONFIG}")
     config.train.device = "cpu"
+    config.train.threads = threads  # Trainer applies it
     trainer = Trainer(config, None)
     ckpt = torch.load(f"{run}/{CKPT}", map_location="cpu", weights_only=False)
     trainer.load_checkpoint(ckpt)

@@ -38,8 +38,7 @@ def main(argv=None) -> dict:
     p.add_argument("--run", required=True, help="a run directory with config.json and ckpt.pt")
     p.add_argument("--batches", type=int, default=3)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    trainer, ckpt = trainer_at_checkpoint(args.run)
+    trainer, ckpt = trainer_at_checkpoint(args.run, args.threads)
     config = trainer.config
     if config.model.name != "sab" or not config.model.block_score_grad:
         raise SystemExit("score_grad: needs a SAB run trained with block_score_grad")

@@ -240,6 +240,13 @@ def test_carried_state_benchmark(root, tmp_path, monkeypatch, model):
         assert w["own"] == pytest.approx(w["carried"], abs=1e-5) and w["mean_abs_dh"] < 1e-5
     for loss in out["swaps"].values():
         assert loss == pytest.approx(out["windows"][0]["carried"], abs=1e-5)
+    # --threads is the benchmark's: the run's own threads (1) do not override it
+    before = torch.get_num_threads()
+    try:
+        carried_state.main(["--run", str(out_dir), "--windows", "1", "--threads", "2"])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_carried_state_benchmark_needs_a_carrying_task(tmp_path, monkeypatch):
