@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import sab
+from sab.cli import _positive_int
 from sab.engines import forward_backward
 from sab.heads import SequenceModel
 from sab.naive import naive_forward
@@ -180,7 +181,7 @@ def trainer_at_checkpoint(run: str, threads: int):
 
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
     p.add_argument("--json", help="also write the raw results to this JSON file")
     return p
 

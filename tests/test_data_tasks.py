@@ -249,7 +249,7 @@ def test_carried_state_benchmark(root, tmp_path, monkeypatch, model):
         torch.set_num_threads(before)
 
 
-def test_carried_state_benchmark_needs_a_carrying_task(tmp_path, monkeypatch):
+def test_carried_state_benchmark_needs_a_carrying_task(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     from benchmarks import carried_state
     config = RunConfig("copy", {"T": 3, "eval_size": 8}, ModelConfig(name="lstm", hidden=8),
@@ -257,6 +257,9 @@ def test_carried_state_benchmark_needs_a_carrying_task(tmp_path, monkeypatch):
     Trainer(config, tmp_path).run()
     with pytest.raises(SystemExit, match="does not carry its state"):
         carried_state.main(["--run", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        carried_state.main(["--run", str(tmp_path), "--threads", "0"])
+    assert "argument --threads: expected an integer >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model", ["lstm", "sab"])
