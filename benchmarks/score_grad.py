@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from sab.engines import forward_backward
+from sab.trainer import CONFIG, RunConfig
 
 from .common import base_parser, finish, fmt_table, machine, trainer_at_checkpoint
 
@@ -38,10 +39,11 @@ def main(argv=None) -> dict:
     p.add_argument("--run", required=True, help="a run directory with config.json and ckpt.pt")
     p.add_argument("--batches", type=int, default=3)
     args = p.parse_args(argv)
-    trainer, ckpt = trainer_at_checkpoint(args.run, args.threads)
-    config = trainer.config
+    config = RunConfig.load(f"{args.run}/{CONFIG}")  # checked before the data and checkpoint load
     if config.model.name != "sab" or not config.model.block_score_grad:
         raise SystemExit("score_grad: needs a SAB run trained with block_score_grad")
+    trainer, ckpt = trainer_at_checkpoint(args.run, args.threads)
+    config = trainer.config  # resolved
     model, layer = trainer.model, trainer.model.rnn
     chunks = [next(trainer.stream) for _ in range(args.batches)]
     groups = _groups(model)

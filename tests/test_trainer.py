@@ -225,6 +225,15 @@ def test_score_grad_benchmark_changes_only_the_scorers_gradient(tmp_path, monkey
         assert a["scorer v"] != b["scorer v"]
 
 
+def test_score_grad_benchmark_rejects_a_run_without_blocked_scores(tmp_path, monkeypatch):
+    """Refused from config.json alone: no data or checkpoint is loaded first (there is none)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import score_grad
+    (tmp_path / "config.json").write_text(json.dumps(tiny("lstm", steps=2).to_dict()))
+    with pytest.raises(SystemExit, match="needs a SAB run trained with block_score_grad"):
+        score_grad.main(["--run", str(tmp_path)])
+
+
 def test_step_time_benchmark_reports_ratios_within_rounds(tmp_path):
     """benchmarks/step_time.py on tiny problems: every method timed in every round, the ratio to
     the LSTM the median of the rounds' ratios (the LSTM's own is exactly 1)."""
