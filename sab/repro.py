@@ -13,7 +13,9 @@ Reads top to bottom:
    from its checkpoint when there is one.  It adds ``hardware.json`` (one entry per session: CPU,
    cores, threads, GPU, torch version, the step it started from) and ``status.json`` (steps done
    of steps planned, wall time).  SIGINT/SIGTERM, or ``--max-minutes``, stop a row after the
-   current step with a checkpoint.  A finished row gets a ``.gitignore`` that leaves its
+   current step with a checkpoint; ``--patience N`` (:func:`plateau`) stops a row once its best
+   evaluation is N steps old, judged on its whole recorded history, and records the best in
+   ``status.json``.  A finished row gets a ``.gitignore`` that leaves its
    checkpoint out of git; an unfinished row's checkpoint is committed so that a fresh clone can
    resume it.  :func:`run_transfer` evaluates the T=100 copying runs at longer T (``eval.jsonl``,
    the format of ``sab eval``).
@@ -295,7 +297,8 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _write_status(trainer, row: Row, planned: int, stopped: Optional[str] = None,
-                  dry_run: bool = False, diverged_at: Optional[int] = None) -> dict:
+                  dry_run: bool = False, diverged_at: Optional[int] = None,
+                  plateau_info: Optional[dict] = None) -> dict:
     t = trainer.config.train
     status = {"row": row.name, "step": trainer.step, "planned": planned, "target": t.steps,
               "finished": trainer.step >= planned, "wall_s": round(trainer._wall(), 1),
@@ -306,6 +309,8 @@ def _write_status(trainer, row: Row, planned: int, stopped: Optional[str] = None
         status["dry_run"] = True
     if diverged_at is not None:
         status["diverged_at"] = diverged_at
+    if plateau_info is not None:
+        status["plateau"] = plateau_info
     if trainer.step >= planned:  # done: the checkpoint is no longer needed in git
         (trainer.out / ".gitignore").write_text("ckpt.pt\n")
     elif (trainer.out / ".gitignore").exists():
@@ -314,17 +319,85 @@ def _write_status(trainer, row: Row, planned: int, stopped: Optional[str] = None
     return status
 
 
+def plateau(evals: Sequence[Sequence[float]], higher: bool, patience: int,
+            min_delta: float = 0.0) -> Optional[dict]:
+    """Has the metric stopped improving?  ``evals``: the (step, value) of each evaluation, in
+    order.  The best moves to an evaluation only when it beats the current best by more than
+    ``min_delta`` (in the metric's units; ``higher``: larger is better).  Returns ``{"best",
+    "best_step", "last_step", "patience", "min_delta"}`` when the last evaluation is ``patience``
+    steps or more after the best's, else None (also with no evaluation)."""
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+        raise ValueError(f"patience must be a positive number of steps, got {patience!r}")
+    if not (isinstance(min_delta, (int, float)) and 0 <= min_delta < float("inf")):
+        raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
+    best = best_step = last_step = None
+    for step, value in evals:
+        if value is None or value != value:  # an evaluation without the metric (or NaN)
+            continue
+        gain = (value - best if higher else best - value) if best is not None else None
+        if best is None or gain > min_delta:
+            best, best_step = value, step
+        last_step = step
+    if best is None or last_step - best_step < patience:
+        return None
+    return {"best": best, "best_step": best_step, "last_step": last_step,
+            "patience": patience, "min_delta": min_delta}
+
+
+def _row_evals(row: Row, metrics: Sequence[dict], up_to: Optional[int] = None) -> List[tuple]:
+    """(step, value) of the row's table metric in ``metrics`` lines (through step ``up_to``)."""
+    key = f"eval_{TABLES[row.table][1]}"
+    return [(m["step"], m[key]) for m in metrics
+            if m.get(key) is not None and (up_to is None or m["step"] <= up_to)]
+
+
+def _plateau_text(info: dict, metric: str) -> str:
+    """"no better than 19.8% (step 24,200) in the 33,800 steps after it (--patience 20,000)"."""
+    d = info["min_delta"]
+    beyond = (f" by more than {100 * d:g} points" if metric == "acc" else f" by more than {d:g}") \
+        if d else ""
+    return (f"none better{beyond} than {_fmt_metric(info['best'], metric)} (step "
+            f"{info['best_step']:,}) in the {info['last_step'] - info['best_step']:,} steps after "
+            f"it (--patience {info['patience']:,})")
+
+
+def _stop_at_plateau(out: Path, row: Row, higher: bool, patience: int, min_delta: float,
+                     log) -> bool:
+    """Before training a row: has its recorded history (the evaluations up to its checkpoint's
+    step) already stopped improving?  Then record it in ``status.json`` and say so."""
+    status = _read_json(out / STATUS)
+    if not status or status.get("finished"):
+        return False
+    info = plateau(_row_evals(row, _read_jsonl(out / "metrics.jsonl"), status["step"]), higher,
+                   patience, min_delta)
+    if info is None:
+        return False
+    text = _plateau_text(info, TABLES[row.table][1])
+    if status.get("plateau") != info:
+        status.update(stopped="stopped improving: " + text, plateau=info, updated=_now())
+        _write_json(out / STATUS, status)
+    log(f"sab repro: {row.name}: not trained: at step {status['step']:,} it had stopped "
+        f"improving: {text}")
+    return True
+
+
 def run_rows(rows: Sequence[Row], results="results", steps: Optional[int] = None,
              threads: Optional[int] = None, data_dir: Optional[str] = None,
              max_minutes: Optional[float] = None, dry_run: bool = False,
-             plot: bool = True, log=print) -> int:
+             plot: bool = True, log=print, patience: Optional[int] = None,
+             min_delta: float = 0.0) -> int:
     """Train ``rows`` one after another in ``results/runs/<row>/``, each resumed from its
     checkpoint; returns 0, or 1 if a row failed (the others still run), or 130 if stopped by a
-    signal (the remaining rows do not start)."""
+    signal (the remaining rows do not start).  ``patience``: also stop a row once its table
+    metric has not improved (by more than ``min_delta``) for that many steps (:func:`plateau`),
+    judged on its whole recorded history — a row that already has stopped improving does not
+    train at all; ``status.json`` records the best and where."""
     from .data import DataError
     from .trainer import NonFiniteLoss, Trainer, stop_on_signals
 
     deadline = time.time() + 60 * max_minutes if max_minutes else None
+    if patience is not None:
+        plateau([], True, patience, min_delta)  # bad values fail before any row starts
     current = {"trainer": None}
 
     def on_stop(name: str) -> None:
@@ -339,6 +412,10 @@ def run_rows(rows: Sequence[Row], results="results", steps: Optional[int] = None
                 log(f"sab repro: {row.name}: not started (stopped)")
                 continue
             out = Path(results) / "runs" / row.name
+            higher = TABLES[row.table][2] == "higher"
+            if patience is not None and _stop_at_plateau(out, row, higher, patience, min_delta,
+                                                         log):
+                continue
             config = row_config(row, steps, threads, data_dir, dry_run)
             planned = config.train.steps if dry_run else row.train["steps"]
             command = " ".join(["sab repro run", row.name] +
@@ -354,6 +431,15 @@ def run_rows(rows: Sequence[Row], results="results", steps: Optional[int] = None
             trainer.deadline = deadline
             trainer.callbacks.append(lambda tr, line, row=row, planned=planned:
                                      _write_status(tr, row, planned, dry_run=dry_run))
+            reached: dict = {}  # the plateau, once the callback finds one
+
+            def check_plateau(tr, line, row=row, higher=higher, reached=reached):
+                info = plateau(_row_evals(row, tr.history), higher, patience, min_delta)
+                if info is not None and not reached:
+                    reached.update(info)
+                    tr.stop_requested = True
+            if patience is not None:
+                trainer.callbacks.append(check_plateau)
             current["trainer"] = trainer
             out.mkdir(parents=True, exist_ok=True)
             hw_path = out / HARDWARE
@@ -384,12 +470,15 @@ def run_rows(rows: Sequence[Row], results="results", steps: Optional[int] = None
                 pass  # diverged: that is why it stopped
             elif signalled:
                 stopped = f"stopped by {signalled[0]}"
+            elif reached:
+                stopped = "stopped improving: " + _plateau_text(reached, TABLES[row.table][1])
             elif deadline is not None and trainer.step < config.train.steps:
                 stopped = "stopped at --max-minutes"
             hw["sessions"][session_index]["ended"] = _now()
             hw["sessions"][session_index]["step_at_end"] = trainer.step
             _write_json(hw_path, hw)
-            status = _write_status(trainer, row, planned, stopped, dry_run, diverged_at)
+            status = _write_status(trainer, row, planned, stopped, dry_run, diverged_at,
+                                   reached or None)
             log(f"sab repro: {row.name}: step {status['step']} of {planned} planned"
                 f"{' (finished)' if status['finished'] else ''}, wall {status['wall_s']:.0f} s"
                 f"{', ' + stopped if stopped else ''}; last eval: "
@@ -474,6 +563,14 @@ class RunRecord:
     def unfinished(self, row: "Row") -> bool:
         return (self.steps or 0) < self.planned(row)
 
+    @property
+    def plateau(self) -> Optional[dict]:
+        """What ``--patience`` found when it stopped the run (None if it did not, or if the run
+        went on after that)."""
+        if self.status and self.status.get("plateau") and self.status["step"] == self.steps:
+            return self.status["plateau"]
+        return None
+
     def evals(self, key: str) -> List[dict]:
         """The metrics lines that hold ``key`` (``eval_acc``, ...): the evaluations, in order."""
         return [m for m in self.metrics if m.get(key) is not None]
@@ -547,7 +644,9 @@ def _steps(rec: RunRecord, row: Row) -> str:
     if done is None:
         return "–"
     text = f"{done:,} / {rec.planned(row):,}"
-    if rec.unfinished(row):
+    if rec.plateau:
+        text += f" (stopped improving: {_plateau_text(rec.plateau, TABLES[row.table][1])})"
+    elif rec.unfinished(row):
         text += " (unfinished)"
     if rec.status and rec.status.get("diverged_at"):
         text += f" (diverged: non-finite gradient at step {rec.status['diverged_at']:,})"
@@ -593,16 +692,22 @@ def write_report(results="results", paper_file=PAPER_FILE, figures: bool = True,
     L.append("**paper**: the value and its status — *quoted* from the paper, or *recalled* "
              "(approximate, for orientation only; ≈). **ours**: the last evaluation of the run, "
              "with the best one when it differs. **steps**: steps done / steps planned; "
-             "*unfinished* runs keep their `ckpt.pt` in git and resume with `sab repro run ROW`. "
+             "*unfinished* runs keep their `ckpt.pt` in git and resume with `sab repro run ROW`; "
+             "*stopped improving* runs were stopped by `sab repro run --patience N` because their "
+             "best evaluation was N steps old (their `ckpt.pt` is kept too). "
              "**wall time**: training time, evaluations included. **not run**: no run directory.")
     L.append("")
-    n_unfinished = sum(1 for n in with_data if records[n].unfinished(ROWS[n]))
+    n_unfinished = sum(1 for n in with_data if records[n].unfinished(ROWS[n])
+                       and not records[n].plateau)
+    n_plateau = sum(1 for n in with_data if records[n].plateau)
     for note in NOTES:
         L.append(f"- {note}")
     L.append("")
     L.append(f"Rows defined: {len(ROWS)} runs + {len(TRANSFER) * len(TRANSFER_T)} transfer "
              f"evaluations; rows with recorded data: {len(with_data)} "
-             f"({n_unfinished} unfinished).")
+             f"({n_unfinished} unfinished"
+             + (f", {n_plateau} stopped improving before their planned steps" if n_plateau
+                else "") + ").")
     L.append("")
     for table, (title, metric, better) in TABLES.items():
         L.append(f"## {title}")
@@ -812,7 +917,8 @@ def list_rows(results="results") -> List[str]:
         for row in (r for r in ROWS.values() if r.table == table):
             rec = read_run(Path(results) / "runs" / row.name)
             state = "not run" if not rec.exists else \
-                f"{rec.steps or 0:,} / {row.train['steps']:,} steps"
+                f"{rec.steps or 0:,} / {row.train['steps']:,} steps" + \
+                (" (stopped improving)" if rec.plateau else "")
             opts = ", ".join(f"{k} {v}" for k, v in row.task_options.items())
             lines.append(f"  {row.name:<{w_name}} {row.label:<{w_label}} {opts:<14} {state}")
     return lines
@@ -825,6 +931,15 @@ def add_repro_commands(subparsers):
     import argparse
 
     from .cli import _positive_int
+
+    def _nonnegative_float(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not 0 <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+        return value
 
     p = subparsers.add_parser("repro", help="the paper's tables: run rows, write the report",
                               description="Reproduce the paper's tables and figures (SPEC §7) "
@@ -844,6 +959,12 @@ def add_repro_commands(subparsers):
     q.add_argument("--max-minutes", type=float, default=None,
                    help="stop (with a checkpoint) after this many minutes in all")
     q.add_argument("--data-dir", default=None, help="data rows: the data root")
+    q.add_argument("--patience", type=_positive_int, default=None, metavar="STEPS",
+                   help="stop a row once its best evaluation is STEPS steps old (judged on its "
+                        "whole history: a row that has already stopped improving is not trained)")
+    q.add_argument("--min-delta", type=_nonnegative_float, default=0.0,
+                   help="with --patience: only an evaluation better than the best by more than "
+                        "this counts (the metric's units: 0.005 is half a point of accuracy)")
     q.add_argument("--results", default="results")
     q.add_argument("--no-plot", action="store_true", help="skip each run's curves/attention")
     q.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
@@ -880,8 +1001,12 @@ def _cmd_run(args) -> int:
     except ValueError as e:
         print(f"sab: error: {e}", file=sys.stderr)
         return 2
+    if args.min_delta and args.patience is None:
+        print("sab: error: --min-delta needs --patience", file=sys.stderr)
+        return 2
     return run_rows(rows, args.results, args.steps, args.threads, args.data_dir,
-                    args.max_minutes, args.dry_run, plot=not args.no_plot)
+                    args.max_minutes, args.dry_run, plot=not args.no_plot,
+                    patience=args.patience, min_delta=args.min_delta)
 
 
 def _cmd_transfer(args) -> int:

@@ -264,3 +264,84 @@ def test_the_gpu_script_resumes_rows_and_copies_their_run_directories(tmp_path):
     assert steps == [0, 1, 2, 3]  # resumed at 2, not restarted
     assert len(json.loads((copied / "hardware.json").read_text())["sessions"]) == 2
     assert (copied / "ckpt.pt").exists() and (out / "repro_run.log").stat().st_size > 0
+
+
+def test_plateau_is_the_best_evaluation_that_is_patience_steps_old():
+    from sab.repro import plateau
+    rising = [(0, 0.1), (200, 0.2), (400, 0.3), (600, 0.4)]
+    assert plateau(rising, True, 200) is None  # the last evaluation is the best
+    flat = [(0, 0.1), (200, 0.5), (400, 0.5), (600, 0.4), (800, 0.45)]
+    assert plateau(flat, True, 600) == {"best": 0.5, "best_step": 200, "last_step": 800,
+                                        "patience": 600, "min_delta": 0.0}
+    assert plateau(flat, True, 601) is None  # 600 steps since the best: not yet 601
+    # lower is better (bpc, mse); an evaluation without the metric (None, NaN) is skipped
+    bpc = [(0, 3.0), (1000, 1.7), (2000, None), (3000, float("nan")), (4000, 1.75)]
+    assert plateau(bpc, False, 3000)["best_step"] == 1000
+    assert plateau(bpc, True, 3000)["best_step"] == 0  # read as higher-is-better: 3.0 at 0
+    # min_delta: gains of at most min_delta do not move the best
+    creeping = [(0, 0.900), (200, 0.902), (400, 0.904), (600, 0.906), (800, 0.908)]
+    assert plateau(creeping, True, 200) is None
+    # 0.902 and 0.904 are within 0.005 of 0.900; 0.906 is 0.006 above it, 0.908 only 0.002
+    assert plateau(creeping, True, 200, min_delta=0.005)["best_step"] == 600
+    assert plateau(creeping, True, 200, min_delta=0.01)["best"] == 0.900
+    assert plateau([], True, 1) is None and plateau([(5, None)], True, 1) is None
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="patience"):
+            plateau(flat, True, bad)
+    for bad in (-0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="min_delta"):
+            plateau(flat, True, 10, bad)
+
+
+def test_patience_stops_a_row_when_its_metric_stops_improving_and_the_report_says_so(tmp_path):
+    """`repro run --patience`: judged on the whole recorded history, so a row that had already
+    stopped improving is not trained; one that had not trains until it stops; a later run
+    without --patience continues it."""
+    (row,) = select_rows(["copy100-lstm"])
+    run = tmp_path / "runs" / row.name
+    quiet = lambda s: None  # noqa: E731
+    assert run_rows([row], tmp_path, steps=4, dry_run=True, plot=False, log=quiet) == 0
+
+    # min_delta 1.0: no accuracy beats another by more than 1, so the best stays at step 0
+    assert run_rows([row], tmp_path, steps=50, dry_run=True, plot=False, log=quiet,
+                    patience=6, min_delta=1.0) == 0
+    status = json.loads((run / "status.json").read_text())
+    assert status["step"] == 6 and not status["finished"]
+    assert status["plateau"]["best_step"] == 0 and status["plateau"]["last_step"] == 6
+    assert status["stopped"].startswith("stopped improving: none better by more than 100 points")
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(7))
+    line = next(x for x in write_report(tmp_path, figures=False).read_text().splitlines()
+                if "`copy100-lstm`" in x)
+    assert "6 / 50 (stopped improving: none better by more than 100 points than" in line
+    assert "(step 0) in the 6 steps after it (--patience 6))" in line and "unfinished" not in line
+
+    # already stopped improving: not trained, nothing written but the status
+    logs = []
+    ckpt = (run / "ckpt.pt").read_bytes()
+    assert run_rows([row], tmp_path, steps=50, dry_run=True, plot=False, log=logs.append,
+                    patience=3, min_delta=1.0) == 0
+    assert "not trained" in logs[-1] and (run / "ckpt.pt").read_bytes() == ckpt
+    assert json.loads((run / "status.json").read_text())["plateau"]["patience"] == 3
+    assert len(json.loads((run / "hardware.json").read_text())["sessions"]) == 2
+
+    # without --patience it trains on, and is no longer "stopped improving"
+    assert run_rows([row], tmp_path, steps=8, dry_run=True, plot=False, log=quiet) == 0
+    status = json.loads((run / "status.json").read_text())
+    assert status["step"] == 8 and "plateau" not in status and "stopped" not in status
+    assert "(unfinished)" not in next(
+        x for x in write_report(tmp_path, figures=False).read_text().splitlines()
+        if "`copy100-lstm`" in x)  # 8 of the dry run's 8: finished
+
+
+def test_cli_repro_run_checks_patience_and_min_delta(tmp_path, capsys):
+    base = ["repro", "run", "copy100-lstm", "--results", str(tmp_path)]
+    for flags, message in ((["--patience", "0"], "expected an integer >= 1"),
+                           (["--patience", "5", "--min-delta", "-1"], "finite number >= 0"),
+                           (["--patience", "5", "--min-delta", "nan"], "finite number >= 0")):
+        with pytest.raises(SystemExit):
+            main(base + flags)
+        assert message in capsys.readouterr().err
+    assert main(base + ["--min-delta", "0.01"]) == 2
+    assert "--min-delta needs --patience" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
