@@ -393,7 +393,7 @@ def run_rows(rows: Sequence[Row], results="results", steps: Optional[int] = None
     judged on its whole recorded history — a row that already has stopped improving does not
     train at all; ``status.json`` records the best and where."""
     from .data import DataError
-    from .trainer import NonFiniteLoss, Trainer, stop_on_signals
+    from .trainer import ConfigError, NonFiniteLoss, Trainer, stop_on_signals
 
     deadline = time.time() + 60 * max_minutes if max_minutes else None
     if patience is not None:
@@ -416,6 +416,11 @@ def run_rows(rows: Sequence[Row], results="results", steps: Optional[int] = None
             if patience is not None and _stop_at_plateau(out, row, higher, patience, min_delta,
                                                          log):
                 continue
+            before = _read_json(out / STATUS) or {}
+            if before.get("finished") and (steps is None or steps <= before["step"]):
+                log(f"sab repro: {row.name}: finished ({before['step']:,} of "
+                    f"{before['planned']:,} planned steps); nothing to train")
+                continue
             config = row_config(row, steps, threads, data_dir, dry_run)
             planned = config.train.steps if dry_run else row.train["steps"]
             command = " ".join(["sab repro run", row.name] +
@@ -424,7 +429,7 @@ def run_rows(rows: Sequence[Row], results="results", steps: Optional[int] = None
                                (["--dry-run"] if dry_run else []))
             try:
                 trainer = Trainer(config, out, command=command)
-            except DataError as e:
+            except (DataError, ConfigError) as e:
                 log(f"sab repro: {row.name}: {e}")
                 code = 1
                 continue
@@ -444,7 +449,6 @@ def run_rows(rows: Sequence[Row], results="results", steps: Optional[int] = None
             out.mkdir(parents=True, exist_ok=True)
             hw_path = out / HARDWARE
             hw = json.loads(hw_path.read_text()) if hw_path.exists() else {"sessions": []}
-            before = _read_json(out / STATUS) or {}
             session = {"started": _now(), "step_at_start": before.get("step", 0),
                        **hardware_info(trainer.device.type, config.train.threads)}
             hw["sessions"].append(session)

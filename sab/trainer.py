@@ -354,6 +354,8 @@ class Trainer:
                  callbacks=(), progress_position: int = 0, debug_nan_at_step: Optional[int] = None):
         self.config = config.resolved()
         self.out = Path(out_dir) if out_dir is not None else None
+        if self.out is not None:
+            _check_resumable(self.out, self.config.train.ckpt_every)
         self.command = command
         self.callbacks = list(callbacks)
         self.progress_position = progress_position
@@ -615,6 +617,27 @@ def _format_line(line: dict) -> str:
 _RESUMABLE = {("train", "steps"), ("train", "eval_every"), ("train", "ckpt_every"),
               ("train", "threads"), ("train", "eval_batch"), ("train", "engine"),
               ("task", "data_dir")}
+
+
+def _check_resumable(out: Path, ckpt_every: int) -> None:
+    """A run directory whose metrics go past its first checkpoint but that holds no checkpoint
+    (deleted, or left out of git once finished) cannot resume, and starting over would erase
+    its recorded metrics: refuse.  (Metrics only up to the first checkpoint are what a run
+    killed before it leaves; that run starts over.)"""
+    metrics = out / METRICS
+    if (out / CKPT).exists() or not metrics.is_file():
+        return
+    steps = []
+    for line in metrics.read_text().splitlines():
+        try:
+            steps.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    if steps and max(steps) > ckpt_every:
+        raise ConfigError(
+            f"{out} holds metrics up to step {max(steps):,} but no checkpoint {CKPT}: it cannot "
+            f"resume, and training would start over and erase {METRICS}; put its {CKPT} back "
+            f"(e.g. from git or the machine that trained it) or choose another --out")
 
 
 def _check_same_run(saved: RunConfig, new: RunConfig, out: Path) -> None:

@@ -345,3 +345,22 @@ def test_cli_repro_run_checks_patience_and_min_delta(tmp_path, capsys):
     assert main(base + ["--min-delta", "0.01"]) == 2
     assert "--min-delta needs --patience" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_finished_row_is_not_trained_again_even_without_its_checkpoint(tmp_path):
+    """A finished row's checkpoint is left out of git: on a fresh clone `repro run` must neither
+    start it over nor touch its recorded metrics."""
+    (row,) = select_rows(["copy100-lstm"])
+    quiet = lambda s: None  # noqa: E731
+    assert run_rows([row], tmp_path, steps=4, dry_run=True, plot=False, log=quiet) == 0
+    run = tmp_path / "runs" / row.name
+    assert (run / ".gitignore").read_text() == "ckpt.pt\n"
+    (run / "ckpt.pt").unlink()  # what a fresh clone has
+    recorded = {p.name: p.read_bytes() for p in run.iterdir()}
+    logs = []
+    assert run_rows([row], tmp_path, steps=4, dry_run=True, plot=False, log=logs.append) == 0
+    assert "finished (4 of 4 planned steps); nothing to train" in logs[-1]
+    # asked for more steps, it cannot resume: it says so and changes nothing
+    assert run_rows([row], tmp_path, steps=6, dry_run=True, plot=False, log=logs.append) == 1
+    assert "no checkpoint ckpt.pt" in logs[-1]
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == recorded

@@ -154,6 +154,23 @@ def test_resume_refuses_a_different_config(tmp_path):
         Trainer(tiny("tbptt", steps=10), tmp_path).run()
 
 
+def test_a_run_directory_without_its_checkpoint_is_refused_not_erased(tmp_path):
+    """Metrics past the first checkpoint and no ckpt.pt (deleted, or a finished run's checkpoint
+    left out of git): resuming is impossible and starting over would erase the metrics."""
+    Trainer(tiny(steps=10), tmp_path / "run").run()
+    (tmp_path / "run" / CKPT).unlink()
+    recorded = (tmp_path / "run" / METRICS).read_text()
+    with pytest.raises(ConfigError, match=r"metrics up to step 10 but no checkpoint ckpt\.pt"):
+        Trainer(tiny(steps=20), tmp_path / "run")
+    assert (tmp_path / "run" / METRICS).read_text() == recorded
+    # killed before its first checkpoint (metrics of steps 0 and 5, ckpt_every 5): starts over
+    lines = recorded.splitlines(keepends=True)[:2]
+    (tmp_path / "run" / METRICS).write_text("".join(lines) + '{"step": 7, "ti')  # cut short
+    trainer = Trainer(tiny(steps=10), tmp_path / "run")
+    trainer.run()
+    assert [m["step"] for m in trainer.history] == [0, 5, 10]
+
+
 def test_adding_task_trains():
     cfg = RunConfig("adding", {"T": 6, "eval_size": 64},
                     ModelConfig(name="sab", hidden=8, k_trunc=2, k_top=1, k_att=1),
