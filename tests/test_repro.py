@@ -58,6 +58,15 @@ def test_sab_rows_use_delta_grad_and_the_ablations_hold_delta_constant():
             {k: v for k, v in base.model.items() if k != "delta_grad"}
 
 
+def test_the_one_hot_tbptt_row_differs_from_its_row_only_in_the_input_encoding():
+    row, base = ROWS["copy100-tbptt-5-onehot"], ROWS["copy100-tbptt-5"]
+    assert row.model == base.model and row.train == base.train and row.table == base.table
+    assert row.task_options == {**base.task_options, "one_hot": True}
+    assert row_config(row).task_options["one_hot"] and not row_config(base).task_options.get(
+        "one_hot", False)
+    assert [r.name for r in ROWS.values() if r.task_options.get("one_hot")] == [row.name]
+
+
 def test_paper_numbers_load_and_cite_their_status():
     raw = json.loads(Path(PAPER_FILE).read_text())
     entries = paper_numbers()
