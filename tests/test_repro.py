@@ -317,13 +317,16 @@ def test_patience_stops_a_row_when_its_metric_stops_improving_and_the_report_say
     status = json.loads((run / "status.json").read_text())
     assert status["step"] == 6 and not status["finished"]
     assert status["plateau"]["best_step"] == 0 and status["plateau"]["last_step"] == 6
-    assert status["stopped"].startswith("stopped improving: none better by more than 100 points")
+    assert status["stopped"].startswith("stopped improving: none better than ")
+    assert status["stopped"].endswith(" at step 0 by more than 100 points in the 6 steps after "
+                                      "it; --patience 6")
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(7))
     line = next(x for x in write_report(tmp_path, figures=False).read_text().splitlines()
                 if "`copy100-lstm`" in x)
-    assert "6 / 50 (stopped improving: none better by more than 100 points than" in line
-    assert "(step 0) in the 6 steps after it (--patience 6))" in line and "unfinished" not in line
+    assert "6 / 50 (stopped improving: none better than " in line
+    assert " at step 0 by more than 100 points in the 6 steps after it; --patience 6)" in line
+    assert "unfinished" not in line
 
     # already stopped improving: not trained, nothing written but the status
     logs = []
