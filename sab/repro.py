@@ -841,10 +841,13 @@ def _figures(results: Path, records: Dict[str, RunRecord], fig_dir: Path) -> dic
         if not series:
             continue
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        for row, rec in series:
+        colors = plt.get_cmap("tab20").colors if len(series) > 10 else \
+            plt.get_cmap("tab10").colors  # one colour per curve
+        for i, (row, rec) in enumerate(series):
             pts = [(m["step"], m[key] * (100 if metric == "acc" else 1)) for m in rec.evals(key)]
             style = "-" if row.model["name"] == "sab" else "--"
-            ax.plot(*zip(*pts), style, marker=".", ms=3, label=row.label)
+            ax.plot(*zip(*pts), style, marker=".", ms=3, label=row.label,
+                    color=colors[i % len(colors)])
         ax.set_xlabel("training step")
         ax.set_ylabel(f"{metric} (%)" if metric == "acc" else metric)
         ax.set_title(title, fontsize=9)
