@@ -162,8 +162,8 @@ _ABLATIONS = {"copy100": [_sab(5, 5, delta_grad=False)], "ptb": [_sab(5, 5, delt
 # rows that are not the paper's and change the task: (suffix, label, model, task options).
 # TBPTT(5) on copying T=100 with one-hot symbols: does the input encoding explain why our
 # TBPTT stays at 16-20% where the paper quotes 31% (SPEC §7)?  The paper's format is the scalar.
-_TASK_ABLATIONS = {"copy100": [(_tbptt(5)[0] + "-onehot", _tbptt(5)[1] + ", one-hot input",
-                                _tbptt(5)[2], {"one_hot": True})]}
+_TASK_ABLATIONS = {"copy100": [(suffix + "-onehot", label + ", one-hot input", model,
+                                {"one_hot": True}) for suffix, label, model in [_tbptt(5)]]}
 _TRAIN = {"eval_every": 200, "ckpt_every": 200}
 
 
@@ -371,11 +371,11 @@ def _plateau_text(info: dict, metric: str) -> str:
             f"--patience {info['patience']:,}")
 
 
-def _stop_at_plateau(out: Path, row: Row, higher: bool, patience: int, min_delta: float,
-                     log) -> bool:
+def _stop_at_plateau(out: Path, row: Row, status: dict, higher: bool, patience: int,
+                     min_delta: float, log) -> bool:
     """Before training a row: has its recorded history (the evaluations up to its checkpoint's
-    step) already stopped improving?  Then record it in ``status.json`` and say so."""
-    status = _read_json(out / STATUS)
+    step, ``status``) already stopped improving?  Then record it in ``status.json`` and say
+    so."""
     if not status or status.get("finished"):
         return False
     info = plateau(_row_evals(row, _read_jsonl(out / "metrics.jsonl"), status["step"]), higher,
@@ -423,10 +423,10 @@ def run_rows(rows: Sequence[Row], results="results", steps: Optional[int] = None
                 continue
             out = Path(results) / "runs" / row.name
             higher = TABLES[row.table][2] == "higher"
-            if patience is not None and _stop_at_plateau(out, row, higher, patience, min_delta,
-                                                         log):
-                continue
             before = _read_json(out / STATUS) or {}
+            if patience is not None and _stop_at_plateau(out, row, before, higher, patience,
+                                                         min_delta, log):
+                continue
             if before.get("finished") and (steps is None or steps <= before["step"]):
                 log(f"sab repro: {row.name}: finished ({before['step']:,} of "
                     f"{before['planned']:,} planned steps); nothing to train")
@@ -947,16 +947,7 @@ def add_repro_commands(subparsers):
     """Register ``sab repro list|run|transfer|report``."""
     import argparse
 
-    from .cli import _positive_int
-
-    def _nonnegative_float(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not 0 <= value < float("inf"):
-            raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-        return value
+    from .cli import _nonneg_float, _positive_int
 
     p = subparsers.add_parser("repro", help="the paper's tables: run rows, write the report",
                               description="Reproduce the paper's tables and figures (SPEC §7) "
@@ -979,7 +970,7 @@ def add_repro_commands(subparsers):
     q.add_argument("--patience", type=_positive_int, default=None, metavar="STEPS",
                    help="stop a row once its best evaluation is STEPS steps old (judged on its "
                         "whole history: a row that has already stopped improving is not trained)")
-    q.add_argument("--min-delta", type=_nonnegative_float, default=0.0,
+    q.add_argument("--min-delta", type=_nonneg_float, default=0.0,
                    help="with --patience: only an evaluation better than the best by more than "
                         "this counts (the metric's units: 0.005 is half a point of accuracy)")
     q.add_argument("--results", default="results")
