@@ -10,7 +10,7 @@ import torch
 
 from sab.cli import main
 from sab.repro import (PAPER_FILE, ROWS, TRANSFER, TRANSFER_T, paper_numbers, row_config,
-                       run_rows, select_rows, write_report)
+                       run_rows, run_transfer, select_rows, write_report)
 from sab.trainer import Trainer
 
 
@@ -156,6 +156,39 @@ def test_repro_run_trains_and_resumes(tmp_path):
     assert (run / "config.json").exists() and (run / "ckpt.pt").exists()
     text = write_report(tmp_path, figures=False).read_text()
     assert "dry run" in next(x for x in text.splitlines() if "`copy100-sab-5-5`" in x)
+
+
+def test_transfer_reads_a_t100_run_at_longer_t_and_times_only_the_evaluation(tmp_path,
+                                                                             monkeypatch):
+    """One line per T in the run's eval.jsonl, with the checkpoint's step and the hardware; the
+    C++ kernels are built before the first evaluation, so their build is not in its seconds; a
+    row without a checkpoint is named and makes the exit code 1."""
+    import sab.native
+    import sab.tasks
+
+    (row,) = select_rows(["copy100-sab-5-5"])
+    assert run_rows([row], tmp_path, steps=2, dry_run=True, plot=False, log=lambda _: None) == 0
+    calls = []
+    kernels, evaluate = sab.native.kernels, sab.tasks.CopyingTask.evaluate
+    monkeypatch.setattr(sab.native, "kernels",
+                        lambda *a, **k: calls.append("kernels") or kernels(*a, **k))
+    monkeypatch.setattr(sab.tasks.CopyingTask, "evaluate",
+                        lambda *a, **k: calls.append("evaluate") or evaluate(*a, **k))
+    logs = []
+    assert run_transfer([row.name], tmp_path, lengths=(7, 12), eval_size=8, eval_batch=4,
+                        chunk_len=5, log=logs.append) == 0
+    assert calls[0] == "kernels" and calls.count("evaluate") == 2
+    lines = [json.loads(x) for x in
+             (tmp_path / "runs" / row.name / "eval.jsonl").read_text().splitlines()]
+    trained_T = json.loads((tmp_path / "runs" / row.name / "config.json").read_text())[
+        "task"]["T"]  # the dry run's short sequences
+    assert [(x["T"], x["trained_T"], x["step"], x["eval_size"]) for x in lines] == \
+        [(7, trained_T, 2, 8), (12, trained_T, 2, 8)]
+    assert all(0 <= x["acc"] <= 1 and x["seconds"] >= 0 and "torch" in x["hardware"]
+               for x in lines)
+    assert len(logs) == 2
+    assert run_transfer(["copy100-lstm"], tmp_path, lengths=(7,), log=logs.append) == 1
+    assert "copy100-lstm: no checkpoint" in logs[-1]
 
 
 def test_report_draws_copy200_attention_from_a_t100_model_without_a_t200_run(tmp_path):
