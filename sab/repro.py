@@ -513,12 +513,10 @@ def run_transfer(rows: Sequence[str], results="results", lengths=TRANSFER_T,
     """Evaluate T=100 copying runs unchanged at ``lengths``; rows appended to the run's
     ``eval.jsonl`` in the format of ``sab eval``, with the hardware."""
     import torch
-    from . import native
     from .trainer import load_run
 
     if threads:
         torch.set_num_threads(threads)
-    native.kernels()  # built (the first time, about a minute) before any evaluation is timed
     code = 0
     for name in rows:
         run = Path(results) / "runs" / name
