@@ -301,29 +301,14 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     import torch
-    from .trainer import ConfigError, load_run
+    from .trainer import evaluate_run
 
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in (("data_dir", args.data_dir), ("eval_split", args.split),
                                    ("eval_size", args.eval_size)) if v is not None}
-    config, task, model, ckpt = load_run(args.run, task_options=overrides)
-    trained_T = config.task_options.get("T")
-    if trained_T is None and args.T:
-        raise ConfigError(f"task {config.task!r} has no length T to change")
-    lengths = args.T or [trained_T]
-    rows = []
-    for T in lengths:
-        t0 = time.time()
-        metrics = task.evaluate(model, T=T, batch_size=args.eval_batch, chunk_len=args.chunk_len)
-        where = {"T": T, "trained_T": trained_T} if trained_T is not None else \
-            {"split": task.config.eval_split}
-        row = {"step": ckpt["step"], **where, "eval_size": task.config.eval_size, **metrics,
-               "seconds": round(time.time() - t0, 2)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        with open(Path(args.run) / "eval.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+    evaluate_run(args.run, args.T, task_options=overrides, eval_batch=args.eval_batch,
+                 chunk_len=args.chunk_len, on_row=lambda r: print(json.dumps(r), flush=True))
     return 0
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 __all__ = ["Row", "ROWS", "TABLES", "TRANSFER", "TRANSFER_T", "paper_numbers", "select_rows",
-           "row_config", "run_rows", "run_transfer", "write_report", "hardware_info",
+           "row_config", "run_rows", "run_transfer", "write_report",
            "PAPER_FILE", "HARDWARE", "STATUS"]
 
 PAPER_FILE = Path(__file__).with_name("repro_paper.json")
@@ -272,33 +271,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def hardware_info(device: str = "cpu", threads: Optional[int] = None) -> dict:
-    """What a run ran on: CPU model and cores, threads, GPU (if the run used one), versions."""
-    import torch
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = None
-    if device != "cpu" and torch.cuda.is_available():
-        gpu = torch.cuda.get_device_name(0)
-    return {"cpu": cpu or "unknown", "cores": os.cpu_count(), "threads": threads,
-            "device": device, "gpu": gpu, "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
-
-
-def hardware_summary(h: dict) -> str:
-    where = f"GPU {h['gpu']}" if h.get("gpu") else \
-        f"{h.get('cpu', '?')}, {h.get('cores', '?')} cores" + \
-        (f", {h['threads']} thread{'s' if h['threads'] != 1 else ''}" if h.get("threads") else "")
-    return f"{where}, torch {h.get('torch', '?')}"
-
-
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -403,7 +375,7 @@ def run_rows(rows: Sequence[Row], results="results", steps: Optional[int] = None
     judged on its whole recorded history — a row that already has stopped improving does not
     train at all; ``status.json`` records the best and where."""
     from .data import DataError
-    from .trainer import ConfigError, NonFiniteLoss, Trainer, stop_on_signals
+    from .trainer import ConfigError, NonFiniteLoss, Trainer, hardware_info, stop_on_signals
 
     deadline = time.time() + 60 * max_minutes if max_minutes else None
     if patience is not None:
@@ -511,9 +483,9 @@ def run_transfer(rows: Sequence[str], results="results", lengths=TRANSFER_T,
                  eval_size: Optional[int] = None, eval_batch: int = 64, chunk_len: int = 1000,
                  threads: Optional[int] = None, log=print) -> int:
     """Evaluate T=100 copying runs unchanged at ``lengths``; rows appended to the run's
-    ``eval.jsonl`` in the format of ``sab eval``, with the hardware."""
+    ``eval.jsonl`` by :func:`sab.trainer.evaluate_run` (the format of ``sab eval``)."""
     import torch
-    from .trainer import load_run
+    from .trainer import evaluate_run
 
     if threads:
         torch.set_num_threads(threads)
@@ -524,18 +496,9 @@ def run_transfer(rows: Sequence[str], results="results", lengths=TRANSFER_T,
             log(f"sab repro: {name}: no checkpoint in {run}; train it first")
             code = 1
             continue
-        overrides = {"eval_size": eval_size} if eval_size else {}
-        config, task, model, ckpt = load_run(run, task_options=overrides)
-        hw = hardware_summary(hardware_info("cpu", torch.get_num_threads()))
-        for T in lengths:
-            t0 = time.time()
-            metrics = task.evaluate(model, T=T, batch_size=eval_batch, chunk_len=chunk_len)
-            line = {"step": ckpt["step"], "T": T, "trained_T": config.task_options.get("T"),
-                    "eval_size": task.config.eval_size, **metrics,
-                    "seconds": round(time.time() - t0, 2), "hardware": hw}
-            log(json.dumps({"row": name, **line}))
-            with open(run / EVALS, "a") as f:
-                f.write(json.dumps(line) + "\n")
+        evaluate_run(run, lengths, task_options={"eval_size": eval_size} if eval_size else None,
+                     eval_batch=eval_batch, chunk_len=chunk_len,
+                     on_row=lambda r, name=name: log(json.dumps({"row": name, **r})))
     return code
 
 
@@ -598,6 +561,8 @@ class RunRecord:
 
 
 def read_run(run_dir: Path) -> RunRecord:
+    from .trainer import hardware_summary
+
     hw = _read_json(run_dir / HARDWARE) or {"sessions": []}
     summaries = []
     for s in hw.get("sessions", []):

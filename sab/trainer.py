@@ -39,13 +39,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import signal
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -58,9 +59,11 @@ from .models import MODELS, build_rnn, model_arguments
 from .tasks import TASKS, Task, derive_seed
 
 __all__ = ["ModelConfig", "TrainConfig", "RunConfig", "Trainer", "NonFiniteLoss", "ConfigError",
-           "build_model", "load_run", "CKPT", "CONFIG", "METRICS"]
+           "build_model", "load_run", "evaluate_run", "hardware_info", "hardware_summary",
+           "CKPT", "CONFIG", "METRICS", "EVALS"]
 
 CKPT, CONFIG, METRICS, CMD = "ckpt.pt", "config.json", "metrics.jsonl", "cmd.txt"
+EVALS = "eval.jsonl"
 
 
 class ConfigError(ValueError):
@@ -270,6 +273,64 @@ def load_run(run_dir, device: str = "cpu", task_options: Optional[dict] = None):
     if torch.device(device).type == "cpu":
         native.kernels()
     return config, task, model.to(device).eval(), ckpt
+
+
+def hardware_info(device: str = "cpu", threads: Optional[int] = None) -> dict:
+    """What a run ran on: CPU model and cores, threads, GPU (if the run used one), versions."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = None
+    if device != "cpu" and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(0)
+    return {"cpu": cpu or "unknown", "cores": os.cpu_count(), "threads": threads,
+            "device": device, "gpu": gpu, "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def hardware_summary(h: dict) -> str:
+    """One line for a report: ``GPU <name>`` or ``<cpu>, N cores, M threads``, and torch."""
+    where = f"GPU {h['gpu']}" if h.get("gpu") else \
+        f"{h.get('cpu', '?')}, {h.get('cores', '?')} cores" + \
+        (f", {h['threads']} thread{'s' if h['threads'] != 1 else ''}" if h.get("threads") else "")
+    return f"{where}, torch {h.get('torch', '?')}"
+
+
+def evaluate_run(run_dir, lengths: Optional[Sequence[int]] = None,
+                 task_options: Optional[dict] = None, eval_batch: int = 64,
+                 chunk_len: int = 1000,
+                 on_row: Optional[Callable[[dict], None]] = None) -> List[dict]:
+    """Evaluate a run's checkpoint and append one line per evaluation to its ``eval.jsonl``:
+    at each length in ``lengths`` (tasks with a length T; ``None``: the trained T), or on the
+    configured split (data tasks).  Each line holds the checkpoint's step, ``T`` and
+    ``trained_T`` (or ``split``), ``eval_size``, the task's metrics, the seconds the evaluation
+    took (the C++ build is not in them: :func:`load_run` does it first) and the hardware.
+    ``on_row`` is called with each line as it is written."""
+    run_dir = Path(run_dir)
+    config, task, model, ckpt = load_run(run_dir, task_options=task_options)
+    trained_T = config.task_options.get("T")
+    if trained_T is None and lengths:
+        raise ConfigError(f"task {config.task!r} has no length T to change")
+    hw = hardware_summary(hardware_info("cpu", torch.get_num_threads()))
+    rows = []
+    for T in (lengths or [trained_T]):
+        t0 = time.time()
+        metrics = task.evaluate(model, T=T, batch_size=eval_batch, chunk_len=chunk_len)
+        where = {"T": T, "trained_T": trained_T} if trained_T is not None else \
+            {"split": task.config.eval_split}
+        row = {"step": ckpt["step"], **where, "eval_size": task.config.eval_size, **metrics,
+               "seconds": round(time.time() - t0, 2), "hardware": hw}
+        rows.append(row)
+        if on_row:
+            on_row(row)
+        with open(run_dir / EVALS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return rows
 
 
 # -- distributed helpers -----------------------------------------------------------------------

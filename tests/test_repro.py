@@ -161,8 +161,8 @@ def test_repro_run_trains_and_resumes(tmp_path):
 def test_transfer_reads_a_t100_run_at_longer_t_and_times_only_the_evaluation(tmp_path,
                                                                              monkeypatch):
     """One line per T in the run's eval.jsonl, with the checkpoint's step and the hardware; the
-    C++ kernels are built before the first evaluation (here and in `sab eval`), so their build
-    is not in its seconds; a row without a checkpoint is named and makes the exit code 1."""
+    C++ kernels are built before the first evaluation (here and in `sab eval`, which writes the
+    same lines), so their build is not in its seconds; a row without a checkpoint is named and makes the exit code 1."""
     import sab.native
     import sab.tasks
 
@@ -190,6 +190,8 @@ def test_transfer_reads_a_t100_run_at_longer_t_and_times_only_the_evaluation(tmp
     calls.clear()  # `sab eval`, the other command that times evaluations: the same order
     assert main(["eval", "--run", str(tmp_path / "runs" / row.name), "--T", "7"]) == 0
     assert calls[0] == "kernels" and calls.count("evaluate") == 1
+    last = json.loads((tmp_path / "runs" / row.name / "eval.jsonl").read_text().splitlines()[-1])
+    assert (last["T"], last["step"]) == (7, 2) and "torch" in last["hardware"]  # report-ready
     assert run_transfer(["copy100-lstm"], tmp_path, lengths=(7,), log=logs.append) == 1
     assert "copy100-lstm: no checkpoint" in logs[-1]
 
