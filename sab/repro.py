@@ -41,7 +41,7 @@ __all__ = ["Row", "ROWS", "TABLES", "TRANSFER", "TRANSFER_T", "paper_numbers", "
            "PAPER_FILE", "HARDWARE", "STATUS"]
 
 PAPER_FILE = Path(__file__).with_name("repro_paper.json")
-HARDWARE, STATUS, EVALS = "hardware.json", "status.json", "eval.jsonl"
+HARDWARE, STATUS = "hardware.json", "status.json"
 
 # -- 1. the experiments --------------------------------------------------------------------------
 
@@ -648,6 +648,8 @@ def write_report(results="results", paper_file=PAPER_FILE, figures: bool = True,
     ``results/runs/`` and the paper's numbers; returns the README's path.  ``readme``: a file
     whose block between ``<!-- repro-summary -->`` and ``<!-- /repro-summary -->`` is replaced by
     the summary (the rows with recorded data)."""
+    from .trainer import EVALS  # the file sab.trainer.evaluate_run appends to
+
     results = Path(results)
     paper = paper_numbers(paper_file)
     records = {name: read_run(results / "runs" / name) for name in ROWS}
@@ -793,6 +795,7 @@ ATTENTION_FROM_T100 = ("copy100-sab-5-5", "copy100-sab-10-10")
 
 def _figures(results: Path, records: Dict[str, RunRecord], fig_dir: Path) -> dict:
     from .plots import _pyplot
+    from .trainer import EVALS
 
     plt = _pyplot()
     fig_dir.mkdir(parents=True, exist_ok=True)

@@ -162,7 +162,8 @@ def test_transfer_reads_a_t100_run_at_longer_t_and_times_only_the_evaluation(tmp
                                                                              monkeypatch):
     """One line per T in the run's eval.jsonl, with the checkpoint's step and the hardware; the
     C++ kernels are built before the first evaluation (here and in `sab eval`, which writes the
-    same lines), so their build is not in its seconds; a row without a checkpoint is named and makes the exit code 1."""
+    same lines), so their build is not in its seconds; a row without a checkpoint is named and
+    makes the exit code 1."""
     import sab.native
     import sab.tasks
 
