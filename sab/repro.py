@@ -271,6 +271,11 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _read_lines(path: Path) -> List[str]:
+    """The stripped lines of a text file; none when it does not exist."""
+    return [line.strip() for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -654,6 +659,8 @@ def write_report(results="results", paper_file=PAPER_FILE, figures: bool = True,
     paper = paper_numbers(paper_file)
     records = {name: read_run(results / "runs" / name) for name in ROWS}
     with_data = [n for n, r in records.items() if r.metrics]
+    dropped = [n for n in with_data if records[n].plateau  # stopped, checkpoint out of git
+               and "ckpt.pt" in _read_lines(results / "runs" / n / ".gitignore")]
     fig_dir = results / "figures"
     figs: dict = {}
     if figures and with_data:
@@ -675,7 +682,9 @@ def write_report(results="results", paper_file=PAPER_FILE, figures: bool = True,
              "with the best one when it differs. **steps**: steps done / steps planned; "
              "*unfinished* runs keep their `ckpt.pt` in git and resume with `sab repro run ROW`; "
              "*stopped improving* runs were stopped by `sab repro run --patience N` because their "
-             "best evaluation was N steps old (their `ckpt.pt` is kept too). "
+             "best evaluation was N steps old (their `ckpt.pt` is kept too"
+             + (", except where the run directory's `.gitignore` leaves it out: "
+                + ", ".join(f"`{n}`" for n in dropped) if dropped else "") + "). "
              "**wall time**: training time, evaluations included. **not run**: no run directory.")
     L.append("")
     n_unfinished = sum(1 for n in with_data if records[n].unfinished(ROWS[n])

@@ -366,6 +366,12 @@ def test_patience_stops_a_row_when_its_metric_stops_improving_and_the_report_say
     assert "6 / 50 (stopped improving: none better than " in line
     assert " at step 0 by more than 100 points in the 6 steps after it; --patience 6)" in line
     assert "unfinished" not in line
+    assert "leaves it out" not in write_report(tmp_path, figures=False).read_text()
+    # a stopped row whose checkpoint was taken out of git: the header names it
+    (run / ".gitignore").write_text("ckpt.pt\n")
+    assert ("(their `ckpt.pt` is kept too, except where the run directory's `.gitignore` leaves "
+            "it out: `copy100-lstm`)") in write_report(tmp_path, figures=False).read_text()
+    (run / ".gitignore").unlink()
 
     # already stopped improving: not trained, nothing written but the status
     logs = []
