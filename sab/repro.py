@@ -271,11 +271,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _read_lines(path: Path) -> List[str]:
-    """The stripped lines of a text file; none when it does not exist."""
-    return [line.strip() for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -285,6 +280,8 @@ def _write_json(path: Path, obj) -> None:
 def _write_status(trainer, row: Row, planned: int, stopped: Optional[str] = None,
                   dry_run: bool = False, diverged_at: Optional[int] = None,
                   plateau_info: Optional[dict] = None) -> dict:
+    from .trainer import CKPT
+
     t = trainer.config.train
     status = {"row": row.name, "step": trainer.step, "planned": planned, "target": t.steps,
               "finished": trainer.step >= planned, "wall_s": round(trainer._wall(), 1),
@@ -298,7 +295,7 @@ def _write_status(trainer, row: Row, planned: int, stopped: Optional[str] = None
     if plateau_info is not None:
         status["plateau"] = plateau_info
     if trainer.step >= planned:  # done: the checkpoint is no longer needed in git
-        (trainer.out / ".gitignore").write_text("ckpt.pt\n")
+        (trainer.out / ".gitignore").write_text(CKPT + "\n")
     elif (trainer.out / ".gitignore").exists():
         (trainer.out / ".gitignore").unlink()
     _write_json(trainer.out / STATUS, status)
@@ -353,9 +350,11 @@ def _stop_at_plateau(out: Path, row: Row, status: dict, higher: bool, patience: 
     """Before training a row: has its recorded history (the evaluations up to its checkpoint's
     step, ``status``) already stopped improving?  Then record it in ``status.json`` and say
     so."""
+    from .trainer import METRICS
+
     if not status or status.get("finished"):
         return False
-    info = plateau(_row_evals(row, _read_jsonl(out / "metrics.jsonl"), status["step"]), higher,
+    info = plateau(_row_evals(row, _read_jsonl(out / METRICS), status["step"]), higher,
                    patience, min_delta)
     if info is None:
         return False
@@ -490,14 +489,14 @@ def run_transfer(rows: Sequence[str], results="results", lengths=TRANSFER_T,
     """Evaluate T=100 copying runs unchanged at ``lengths``; rows appended to the run's
     ``eval.jsonl`` by :func:`sab.trainer.evaluate_run` (the format of ``sab eval``)."""
     import torch
-    from .trainer import evaluate_run
+    from .trainer import CKPT, evaluate_run
 
     if threads:
         torch.set_num_threads(threads)
     code = 0
     for name in rows:
         run = Path(results) / "runs" / name
-        if not (run / "ckpt.pt").exists():
+        if not (run / CKPT).exists():
             log(f"sab repro: {name}: no checkpoint in {run}; train it first")
             code = 1
             continue
@@ -530,6 +529,7 @@ class RunRecord:
     status: Optional[dict]
     hardware: List[str]
     config: Optional[dict]
+    checkpoint_in_git: bool  # False where the run directory's .gitignore leaves ckpt.pt out
 
     @property
     def steps(self) -> Optional[int]:
@@ -566,7 +566,7 @@ class RunRecord:
 
 
 def read_run(run_dir: Path) -> RunRecord:
-    from .trainer import hardware_summary
+    from .trainer import CKPT, CONFIG, METRICS, hardware_summary
 
     hw = _read_json(run_dir / HARDWARE) or {"sessions": []}
     summaries = []
@@ -574,8 +574,10 @@ def read_run(run_dir: Path) -> RunRecord:
         text = hardware_summary(s)
         if text not in summaries:
             summaries.append(text)
-    return RunRecord(run_dir.is_dir(), _read_jsonl(run_dir / "metrics.jsonl"),
-                     _read_json(run_dir / STATUS), summaries, _read_json(run_dir / "config.json"))
+    ignore = run_dir / ".gitignore"
+    ignored = ignore.read_text().split() if ignore.exists() else []
+    return RunRecord(run_dir.is_dir(), _read_jsonl(run_dir / METRICS), _read_json(run_dir / STATUS),
+                     summaries, _read_json(run_dir / CONFIG), CKPT not in ignored)
 
 
 def _fmt_metric(value: Optional[float], metric: str) -> str:
@@ -659,8 +661,7 @@ def write_report(results="results", paper_file=PAPER_FILE, figures: bool = True,
     paper = paper_numbers(paper_file)
     records = {name: read_run(results / "runs" / name) for name in ROWS}
     with_data = [n for n, r in records.items() if r.metrics]
-    dropped = [n for n in with_data if records[n].plateau  # stopped, checkpoint out of git
-               and "ckpt.pt" in _read_lines(results / "runs" / n / ".gitignore")]
+    dropped = [n for n in with_data if records[n].plateau and not records[n].checkpoint_in_git]
     fig_dir = results / "figures"
     figs: dict = {}
     if figures and with_data:
@@ -804,7 +805,7 @@ ATTENTION_FROM_T100 = ("copy100-sab-5-5", "copy100-sab-10-10")
 
 def _figures(results: Path, records: Dict[str, RunRecord], fig_dir: Path) -> dict:
     from .plots import _pyplot
-    from .trainer import EVALS
+    from .trainer import CKPT, EVALS
 
     plt = _pyplot()
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -868,7 +869,7 @@ def _figures(results: Path, records: Dict[str, RunRecord], fig_dir: Path) -> dic
     plt.close(fig)
     # the attention map of copying T=200
     run = results / "runs" / "copy200-sab-5-5"
-    if (run / "ckpt.pt").exists():
+    if (run / CKPT).exists():
         try:
             from .plots import plot_run
             plot_run(run)
@@ -883,7 +884,7 @@ def _figures(results: Path, records: Dict[str, RunRecord], fig_dir: Path) -> dic
         return out  # (against the row's budget: a dry run's own tiny plan does not count)
     for name in ATTENTION_FROM_T100:
         src = results / "runs" / name
-        if (src / "ckpt.pt").exists():
+        if (src / CKPT).exists():
             try:
                 from .plots import plot_run
                 path = fig_dir / f"attention_copy200_from_{name}.png"
