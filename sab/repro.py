@@ -412,6 +412,10 @@ def run_rows(rows: Sequence[Row], results="results", steps: Optional[int] = None
             command = " ".join(["sab repro run", row.name] +
                                ([f"--steps {steps}"] if steps else []) +
                                ([f"--threads {threads}"] if threads else []) +
+                               ([f"--data-dir {data_dir}"] if data_dir else []) +
+                               ([f"--max-minutes {max_minutes:g}"] if max_minutes else []) +
+                               ([f"--patience {patience}"] if patience is not None else []) +
+                               ([f"--min-delta {min_delta:g}"] if patience is not None else []) +
                                (["--dry-run"] if dry_run else []))
             try:
                 trainer = Trainer(config, out, command=command)

@@ -145,14 +145,19 @@ def test_repro_run_trains_and_resumes(tmp_path):
     assert run_rows([row], tmp_path, steps=2, dry_run=True, plot=False, log=logs.append) == 0
     run = tmp_path / "runs" / row.name
     assert json.loads((run / "status.json").read_text())["step"] == 2
-    assert run_rows([row], tmp_path, steps=4, dry_run=True, plot=False, log=logs.append) == 0
+    assert run_rows([row], tmp_path, steps=4, dry_run=True, plot=False, log=logs.append,
+                    max_minutes=30, patience=1000, min_delta=0.005) == 0
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4]
     status = json.loads((run / "status.json").read_text())
     assert status["step"] == 4 and status["dry_run"]
     hw = json.loads((run / "hardware.json").read_text())["sessions"]
     assert len(hw) == 2 and hw[-1]["step_at_end"] == 4 and hw[0]["torch"] == torch.__version__
-    assert len((run / "cmd.txt").read_text().splitlines()) == 2
+    # each invocation is recorded with the options that decide where it stops
+    assert (run / "cmd.txt").read_text().splitlines() == [
+        "sab repro run copy100-sab-5-5 --steps 2 --dry-run",
+        "sab repro run copy100-sab-5-5 --steps 4 --max-minutes 30 --patience 1000 "
+        "--min-delta 0.005 --dry-run"]
     assert (run / "config.json").exists() and (run / "ckpt.pt").exists()
     text = write_report(tmp_path, figures=False).read_text()
     assert "dry run" in next(x for x in text.splitlines() if "`copy100-sab-5-5`" in x)
