@@ -28,6 +28,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -391,6 +392,14 @@ def run_rows(rows: Sequence[Row], results="results", steps: Optional[int] = None
         if current["trainer"] is not None:
             current["trainer"].stop_requested = True
 
+    # each row's cmd.txt gets the command that resumes that row alone, stop options included
+    options = "".join(([f" --steps {steps}"] if steps else []) +
+                      ([f" --threads {threads}"] if threads else []) +
+                      ([f" --data-dir {shlex.quote(str(data_dir))}"] if data_dir else []) +
+                      ([f" --max-minutes {max_minutes:g}"] if max_minutes else []) +
+                      ([f" --patience {patience} --min-delta {min_delta:g}"]
+                       if patience is not None else []) +
+                      ([" --dry-run"] if dry_run else []))
     code = 0
     with stop_on_signals(on_stop) as signalled:  # signalled: [name] once a signal came
         for row in rows:
@@ -409,14 +418,7 @@ def run_rows(rows: Sequence[Row], results="results", steps: Optional[int] = None
                 continue
             config = row_config(row, steps, threads, data_dir, dry_run)
             planned = config.train.steps if dry_run else row.train["steps"]
-            command = " ".join(["sab repro run", row.name] +
-                               ([f"--steps {steps}"] if steps else []) +
-                               ([f"--threads {threads}"] if threads else []) +
-                               ([f"--data-dir {data_dir}"] if data_dir else []) +
-                               ([f"--max-minutes {max_minutes:g}"] if max_minutes else []) +
-                               ([f"--patience {patience}"] if patience is not None else []) +
-                               ([f"--min-delta {min_delta:g}"] if patience is not None else []) +
-                               (["--dry-run"] if dry_run else []))
+            command = f"sab repro run {row.name}{options}"
             try:
                 trainer = Trainer(config, out, command=command)
             except (DataError, ConfigError) as e:
