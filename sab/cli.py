@@ -271,10 +271,23 @@ def resolve_train_config(args: argparse.Namespace):
 
 
 def cmd_train(args) -> int:
-    from .trainer import NonFiniteLoss, Trainer, init_distributed_from_env, stop_on_signals
+    from .trainer import init_distributed_from_env, shutdown_distributed
 
     config = resolve_train_config(args)
-    init_distributed_from_env()
+    joined = init_distributed_from_env()
+    ok = False
+    try:
+        rc = _train(config, args)
+        ok = rc == 0  # after a non-finite loss a peer may not reach the barrier
+        return rc
+    finally:
+        if joined:
+            shutdown_distributed(sync=ok)
+
+
+def _train(config, args) -> int:
+    from .trainer import NonFiniteLoss, Trainer, stop_on_signals
+
     command = " ".join(shlex.quote(a) for a in ["sab"] + sys.argv[1:])
     trainer = Trainer(config, args.out, command=command, debug_nan_at_step=args.debug_nan_at_step,
                       progress_position=args.bar_position)

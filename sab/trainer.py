@@ -352,6 +352,17 @@ def init_distributed_from_env() -> bool:
     return True
 
 
+def shutdown_distributed(sync: bool = True) -> None:
+    """Leave the process group, if one is joined.  With ``sync`` every rank first waits at a
+    barrier, so that no rank tears down gloo's connections (or, on rank 0, the TCP store the
+    others hold) while another still works; pass ``sync=False`` on an error path, where a peer
+    may never arrive."""
+    if dist.is_available() and dist.is_initialized():
+        if sync:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def _average_gradients(params, world: int) -> None:
     """All-reduce and average the gradients by hand (for engines DDP cannot wrap)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
