@@ -40,9 +40,9 @@ def _worker(rank, world, port, engine, model, out_dir, result_path):
             torch.save({k: v.clone() for k, v in trainer.model.state_dict().items()}, result_path)
         ok = True
     finally:
-        # both ranks done before either tears gloo down: without the barrier, rank 1 leaving
-        # while rank 0 still saved aborted (SIGABRT, "terminate called without an active
-        # exception") once in a CI run
+        # both ranks done before either tears gloo down: without the barrier one CI run saw
+        # rank 1 abort at teardown (SIGABRT, "terminate called without an active exception"),
+        # likely leaving while rank 0 still saved
         shutdown_distributed(sync=ok)
 
 
@@ -118,8 +118,12 @@ def test_sab_train_under_torchrun_environment_exits_cleanly(tmp_path):
              "--steps", "3", "--batch-size", "8", "--eval-every", "3", "--eval-size", "8",
              "--threads", "1", "--out", str(tmp_path / "run")],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=300) for p in procs]
-    for rank, (p, (out, err)) in enumerate(zip(procs, outs)):
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()  # no-op once exited; a hung rank must not outlive the test
+    for rank, (p, (_, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"rank {rank}: {err[-2000:]}"
     assert json.loads(outs[0][0].strip().splitlines()[-1])["step"] == 3
     assert outs[1][0].strip() == ""  # rank 1 prints nothing
