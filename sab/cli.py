@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch", type=_positive_int, default=64)
     p.add_argument("--chunk-len", type=_positive_int, default=1000,
                    help="steps per window (state carried) for long sequences")
+    p.add_argument("--per-position", action="store_true",
+                   help="copying: also the accuracy and cross-entropy at each recalled digit")
     p.add_argument("--threads", type=_positive_int, default=None)
 
     p = sub.add_parser("plot", help="learning curves and attention map of a run (PNG); with "
@@ -321,7 +323,8 @@ def cmd_eval(args) -> int:
     overrides = {k: v for k, v in (("data_dir", args.data_dir), ("eval_split", args.split),
                                    ("eval_size", args.eval_size)) if v is not None}
     evaluate_run(args.run, args.T, task_options=overrides, eval_batch=args.eval_batch,
-                 chunk_len=args.chunk_len, on_row=lambda r: print(json.dumps(r), flush=True))
+                 chunk_len=args.chunk_len, on_row=lambda r: print(json.dumps(r), flush=True),
+                 per_position=args.per_position)
     return 0
 
 

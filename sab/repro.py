@@ -750,6 +750,7 @@ def write_report(results="results", paper_file=PAPER_FILE, figures: bool = True,
             if rec.metrics:
                 summary.append(L[-1].replace("| ", f"| {TABLES[table][0].split(' (')[0]}: ", 1))
         L.append("")
+        L += _position_table(results, [r for r in ROWS.values() if r.table == table], EVALS)
         if table in figs:
             L.append(f"![learning curves]({Path('figures') / figs[table].name})")
             L.append("")
@@ -789,6 +790,8 @@ def write_report(results="results", paper_file=PAPER_FILE, figures: bool = True,
     L.append("sab repro run copy100-sab-5-5 copy100-tbptt-5 --threads 1   # train (resumes)")
     L.append("sab repro transfer copy100-sab-5-5              # evaluate at T = "
              + ", ".join(map(str, TRANSFER_T)))
+    L.append("sab eval --run results/runs/copy200-sab-5-5 --per-position   # each digit's "
+             "accuracy")
     L.append("sab repro report                                # this file and figures/")
     L.append("```")
     L.append("")
@@ -803,6 +806,30 @@ def write_report(results="results", paper_file=PAPER_FILE, figures: bool = True,
             Path(readme).write_text(head + SUMMARY_BEGIN + "\n" + "\n".join(summary) + "\n"
                                     + SUMMARY_END + tail)
     return path
+
+
+def _position_table(results: Path, rows: Sequence[Row], evals_file: str) -> List[str]:
+    """Copying rows: the accuracy at each recalled digit, from the last ``sab eval
+    --per-position`` line at the trained T in each run's eval.jsonl (none: no table)."""
+    found = []
+    for row in rows:
+        lines = [e for e in _read_jsonl(results / "runs" / row.name / evals_file)
+                 if "acc_by_position" in e and e.get("T") == e.get("trained_T")]
+        if lines:
+            found.append((row, lines[-1]))
+    if not found:
+        return []
+    n = len(found[0][1]["acc_by_position"])
+    L = [f"Accuracy at each recalled digit (1 = the first of the {n} copied), at the checkpoint "
+         f"of the step named, from `sab eval --run results/runs/ROW --per-position` "
+         f"(its line in the run's `{evals_file}`):", "",
+         "| row | step | " + " | ".join(str(i + 1) for i in range(n)) + " | mean |",
+         "|---|---:|" + "---:|" * (n + 1)]
+    for row, e in found:
+        digits = " | ".join(f"{100 * a:.0f}%" for a in e["acc_by_position"])
+        L.append(f"| {row.label} `{row.name}` | {e['step']:,} | {digits} | "
+                 f"{_fmt_metric(e['acc'], 'acc')} |")
+    return L + [""]
 
 
 # without a T=200 run, the attention map of copying T=200 comes from the first of these

@@ -278,12 +278,18 @@ class CopyingTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, T: Optional[int] = None, batch_size: int = 128,
-                 chunk_len: int = 1000) -> Dict[str, float]:
+                 chunk_len: int = 1000, per_position: bool = False) -> Dict[str, float]:
         """The paper's metrics on the fixed evaluation set, at the trained T or another one
-        (transfer, SPEC §6); long sequences run in windows with the state carried."""
+        (transfer, SPEC §6); long sequences run in windows with the state carried.
+
+        ``per_position``: also ``acc_by_position`` and ``ce10_by_position``, lists of the
+        accuracy and cross-entropy at each of the 10 recalled digits (first to last), whose
+        means are ``acc`` and ``ce10``: they show which digits a model has learned to recall."""
         T = T or self.config.T
         generator = self.eval_generator()
         sums = {"correct": 0.0, "ce10": 0.0, "ce": 0.0}
+        pos_correct = torch.zeros(N_DIGITS, dtype=torch.float64)  # (10,)
+        pos_ce = torch.zeros(N_DIGITS, dtype=torch.float64)  # (10,)
         n = 0
         for b0 in range(0, self.config.eval_size, batch_size):
             b = min(batch_size, self.config.eval_size - b0)
@@ -298,11 +304,19 @@ class CopyingTask(Task):
                 tail0 = max(start, y.shape[0] - N_DIGITS)  # the recalled digits in this window
                 if tail0 < stop:
                     i = tail0 - start
+                    hit = (logits[i:].argmax(-1) == y[tail0:stop])  # (stop - tail0, b)
                     sums["ce10"] += ce[i:].sum().item()
-                    sums["correct"] += (logits[i:].argmax(-1) == y[tail0:stop]).sum().item()
+                    sums["correct"] += hit.sum().item()
+                    d = tail0 - (y.shape[0] - N_DIGITS)  # index of the first digit here
+                    pos_correct[d:d + stop - tail0] += hit.sum(1).double().cpu()
+                    pos_ce[d:d + stop - tail0] += ce[i:].sum(1).double().cpu()
             n += b
-        return {"acc": sums["correct"] / (n * N_DIGITS), "ce10": sums["ce10"] / (n * N_DIGITS),
-                "ce": sums["ce"] / (n * (T + 2 * N_DIGITS))}
+        out = {"acc": sums["correct"] / (n * N_DIGITS), "ce10": sums["ce10"] / (n * N_DIGITS),
+               "ce": sums["ce"] / (n * (T + 2 * N_DIGITS))}
+        if per_position:
+            out["acc_by_position"] = (pos_correct / n).tolist()
+            out["ce10_by_position"] = (pos_ce / n).tolist()
+        return out
 
     @staticmethod
     def no_memory_ce(T: int) -> float:

@@ -304,15 +304,21 @@ def hardware_summary(h: dict) -> str:
 def evaluate_run(run_dir, lengths: Optional[Sequence[int]] = None,
                  task_options: Optional[dict] = None, eval_batch: int = 64,
                  chunk_len: int = 1000,
-                 on_row: Optional[Callable[[dict], None]] = None) -> List[dict]:
+                 on_row: Optional[Callable[[dict], None]] = None,
+                 per_position: bool = False) -> List[dict]:
     """Evaluate a run's checkpoint and append one line per evaluation to its ``eval.jsonl``:
     at each length in ``lengths`` (tasks with a length T; ``None``: the trained T), or on the
     configured split (data tasks).  Each line holds the checkpoint's step, ``T`` and
     ``trained_T`` (or ``split``), ``eval_size``, the task's metrics, the seconds the evaluation
     took (the C++ build is not in them: :func:`load_run` does it first) and the hardware.
-    ``on_row`` is called with each line as it is written."""
+    ``on_row`` is called with each line as it is written.  ``per_position`` (copying only)
+    adds the accuracy and cross-entropy at each recalled digit."""
     run_dir = Path(run_dir)
     config, task, model, ckpt = load_run(run_dir, task_options=task_options)
+    if per_position and config.task != "copy":
+        raise ConfigError(f"per_position: only the copying task has recalled digits to split "
+                          f"by position, not task {config.task!r}")
+    extra = {"per_position": True} if per_position else {}
     trained_T = config.task_options.get("T")
     if trained_T is None and lengths:
         raise ConfigError(f"task {config.task!r} has no length T to change")
@@ -320,7 +326,7 @@ def evaluate_run(run_dir, lengths: Optional[Sequence[int]] = None,
     rows = []
     for T in (lengths or [trained_T]):
         t0 = time.time()
-        metrics = task.evaluate(model, T=T, batch_size=eval_batch, chunk_len=chunk_len)
+        metrics = task.evaluate(model, T=T, batch_size=eval_batch, chunk_len=chunk_len, **extra)
         where = {"T": T, "trained_T": trained_T} if trained_T is not None else \
             {"split": task.config.eval_split}
         row = {"step": ckpt["step"], **where, "eval_size": task.config.eval_size, **metrics,

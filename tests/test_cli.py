@@ -105,6 +105,24 @@ def test_eval_at_other_lengths_and_plot(tmp_path, capsys):
         assert (run / name).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_eval_per_position(tmp_path, capsys):
+    """``sab eval --per-position``: the accuracy and cross-entropy at each of the 10 recalled
+    digits, whose means are the row's acc and ce10; a task without recalled digits is refused."""
+    run = tmp_path / "run"
+    main(["train", "--dry-run", "--model", "sab", "--out", str(run)])
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--per-position", "--T", "12"]) == 0
+    (row,) = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert len(row["acc_by_position"]) == len(row["ce10_by_position"]) == 10
+    assert sum(row["acc_by_position"]) / 10 == pytest.approx(row["acc"], abs=1e-9)
+    assert sum(row["ce10_by_position"]) / 10 == pytest.approx(row["ce10"], rel=1e-6)
+    adding = tmp_path / "adding"
+    main(["train", "--dry-run", "--task", "adding", "--out", str(adding)])
+    capsys.readouterr()
+    assert "per_position: only the copying task" in _error(
+        capsys, ["eval", "--run", str(adding), "--per-position"])
+
+
 @pytest.mark.filterwarnings("ignore:No artists with labels")  # (the mocked plot draws none)
 def test_plot_compares_runs(tmp_path, capsys):
     """``sab plot`` with several --run draws one metric of each (the task's main one unless

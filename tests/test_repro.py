@@ -113,7 +113,11 @@ def _fake_run(results: Path):
     (run / "hardware.json").write_text(json.dumps({"sessions": [
         {"cpu": "Test CPU 9000", "cores": 2, "threads": 1, "gpu": None, "torch": "2.0"}]}))
     (run / "eval.jsonl").write_text(json.dumps({"step": 400, "T": 5000, "trained_T": 100,
-                                                "acc": 0.3, "seconds": 61, "eval_size": 64}) + "\n")
+                                                "acc": 0.3, "seconds": 61, "eval_size": 64}) + "\n"
+                                    + json.dumps({"step": 450, "T": 100, "trained_T": 100,
+                                                  "acc": 0.3, "eval_size": 512,
+                                                  "acc_by_position": [1, 1] + [1 / 8] * 8})
+                                    + "\n")
     (results / "runs" / "copy100-lstm").mkdir()  # a run directory without any data
 
 
@@ -137,6 +141,11 @@ def test_report_from_a_fake_recorded_run(tmp_path):
     assert (tmp_path / "figures" / "copy100_curves.png").exists()
     assert (tmp_path / "figures" / "transfer.png").exists()
     assert "figures/copy100_curves.png" in text
+    # the per-position line at the trained T (not the transfer one at T = 5000) makes a table
+    position = next(x for x in text.splitlines()
+                    if x.startswith("| SAB (k_trunc=5, k_top=5, k_att=2) `copy100-sab-5-5` | 450"))
+    assert position.endswith("| 450 | 100% | 100% | " + "12% | " * 8 + "30.0% |")
+    assert text.count("Accuracy at each recalled digit") == 1  # copy200/300 have no such line
 
 
 def test_repro_run_trains_and_resumes(tmp_path):

@@ -142,6 +142,31 @@ def test_evaluation_in_windows_equals_whole(name):
     assert set(longer) == {"acc", "ce10", "ce"}
 
 
+@pytest.mark.parametrize("chunk_len", [1000, 7, 3])
+def test_per_position_metrics_against_the_definition(chunk_len):
+    """acc_by_position[i] is the fraction of sequences whose i-th recalled digit is the argmax,
+    ce10_by_position[i] the mean cross-entropy there, computed here from whole-sequence logits;
+    windows that split the recall change nothing, and the means are acc and ce10."""
+    task = build_task("copy", T=15, eval_size=10)
+    model = _model(task, "sab").double().eval()
+    orig = task.sample
+    task.sample = lambda b, g, T=None: (lambda c: c._replace(x=c.x.double()))(orig(b, g, T))
+    m = task.evaluate(model, batch_size=4, chunk_len=chunk_len, per_position=True)
+    g = task.eval_generator()  # the same fixed set, drawn in the same batches of 4, 4, 2
+    x, y = (torch.cat(t, dim=1) for t in zip(*(task.sample(b, g)[:2] for b in (4, 4, 2))))
+    with torch.no_grad():
+        out, _, rec = model(x, None, return_attention=True)
+        logits = model.readout(out, rec[-1].summary)[-10:]  # (10, B, 10)
+    want_acc = (logits.argmax(-1) == y[-10:]).double().mean(1)
+    want_ce = torch.nn.functional.cross_entropy(logits.permute(1, 2, 0), y[-10:].T,
+                                                reduction="none").mean(0)
+    assert m["acc_by_position"] == pytest.approx(want_acc.tolist(), abs=1e-12)
+    assert m["ce10_by_position"] == pytest.approx(want_ce.tolist(), rel=1e-9)
+    assert sum(m["acc_by_position"]) / 10 == pytest.approx(m["acc"], abs=1e-12)
+    assert sum(m["ce10_by_position"]) / 10 == pytest.approx(m["ce10"], rel=1e-9)
+    assert set(task.evaluate(model, batch_size=4)) == {"acc", "ce10", "ce"}  # off by default
+
+
 def test_adding_evaluation_windows():
     task = build_task("adding", T=20, eval_size=5)
     model = _model(task).eval()
