@@ -287,8 +287,8 @@ class CopyingTask(Task):
         means are ``acc`` and ``ce10``: they show which digits a model has learned to recall."""
         T = T or self.config.T
         generator = self.eval_generator()
-        sums = {"correct": 0.0, "ce10": 0.0, "ce": 0.0}
-        pos_correct = torch.zeros(N_DIGITS, dtype=torch.float64)  # (10,)
+        ce_sum = 0.0
+        pos_correct = torch.zeros(N_DIGITS, dtype=torch.float64)  # (10,) summed over sequences
         pos_ce = torch.zeros(N_DIGITS, dtype=torch.float64)  # (10,)
         n = 0
         for b0 in range(0, self.config.eval_size, batch_size):
@@ -300,19 +300,18 @@ class CopyingTask(Task):
                 ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                      y[start:stop].reshape(-1), reduction="none")
                 ce = ce.view(stop - start, b)  # (w, b)
-                sums["ce"] += ce.sum().item()
+                ce_sum += ce.sum().item()
                 tail0 = max(start, y.shape[0] - N_DIGITS)  # the recalled digits in this window
                 if tail0 < stop:
                     i = tail0 - start
                     hit = (logits[i:].argmax(-1) == y[tail0:stop])  # (stop - tail0, b)
-                    sums["ce10"] += ce[i:].sum().item()
-                    sums["correct"] += hit.sum().item()
                     d = tail0 - (y.shape[0] - N_DIGITS)  # index of the first digit here
                     pos_correct[d:d + stop - tail0] += hit.sum(1).double().cpu()
-                    pos_ce[d:d + stop - tail0] += ce[i:].sum(1).double().cpu()
+                    pos_ce[d:d + stop - tail0] += ce[i:].double().sum(1).cpu()
             n += b
-        out = {"acc": sums["correct"] / (n * N_DIGITS), "ce10": sums["ce10"] / (n * N_DIGITS),
-               "ce": sums["ce"] / (n * (T + 2 * N_DIGITS))}
+        out = {"acc": pos_correct.sum().item() / (n * N_DIGITS),
+               "ce10": pos_ce.sum().item() / (n * N_DIGITS),
+               "ce": ce_sum / (n * (T + 2 * N_DIGITS))}
         if per_position:
             out["acc_by_position"] = (pos_correct / n).tolist()
             out["ce10_by_position"] = (pos_ce / n).tolist()
