@@ -49,6 +49,10 @@ __all__ = ["Chunk", "CopyingTask", "AddingTask", "CharLMTask", "Text8Task",
            "derive_seed", "encode_copying", "SyntheticStream", "WindowStream", "ImageStream"]
 
 N_DIGITS = 10  # digits to copy (SPEC §6)
+# Sequences per draw of a synthetic task's evaluation set (``Task.eval_batches``): the set is drawn
+# in blocks of this size whatever the evaluation batch, so every batch size scores the same
+# sequences.  128 is the trainer's ``eval_batch`` default, the size every recorded run drew with.
+EVAL_BLOCK = 128
 N_SYMBOLS = 10  # 0 blank, 1..8 digits, 9 marker
 BLANK, MARKER = 0, 9
 
@@ -112,6 +116,21 @@ def adding_batch(T: int, batch: int, generator: torch.Generator,
     return torch.stack([values, marker], dim=-1), y  # (T, B, 2), (B,)
 
 
+def _batch_slice(chunk: Chunk, sl: slice) -> Chunk:
+    """Sequences ``sl`` of a synthetic chunk: x (L, B, …), y (L, B) or (B,)."""
+    return Chunk(chunk.x[:, sl], chunk.y[sl] if chunk.y.dim() == 1 else chunk.y[:, sl],
+                 chunk.reset)
+
+
+def _batch_cat(chunks: list) -> Chunk:
+    """Chunks joined along the batch (the inverse of ``_batch_slice``)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    y_dim = 0 if chunks[0].y.dim() == 1 else 1
+    return Chunk(torch.cat([c.x for c in chunks], 1), torch.cat([c.y for c in chunks], y_dim),
+                 chunks[0].reset)
+
+
 class SyntheticStream:
     """Endless training batches from a generator; ``state_dict`` is the exact data position.
 
@@ -138,8 +157,7 @@ class SyntheticStream:
         if self.world_size == 1:
             return Chunk(x, y, reset)
         local = self.batch_size // self.world_size
-        sl = slice(self.rank * local, (self.rank + 1) * local)
-        return Chunk(x[:, sl], y[..., sl] if y.dim() == 1 else y[:, sl], reset)
+        return _batch_slice(Chunk(x, y, reset), slice(self.rank * local, (self.rank + 1) * local))
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "batches": self.batches}
@@ -162,6 +180,7 @@ class Task:
     input_vocab: Optional[int] = None  # inputs are token ids (T, B) of this many symbols
     dry_run: Dict[str, object] = {}  # task options of ``sab train --dry-run``
     carries_state = False  # the stream has chunks with reset=False (the trainer keeps the state)
+    draws_eval_set = False  # the evaluation set is drawn from eval_generator (eval_batches)
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.Config()
@@ -189,6 +208,29 @@ class Task:
     def eval_generator(self) -> torch.Generator:
         """The evaluation set's generator: a fixed seed, the same for every run and model."""
         return torch.Generator().manual_seed(derive_seed(self.config.eval_seed, "eval-data"))
+
+    def eval_batches(self, batch_size: int, T: Optional[int] = None,
+                     size: Optional[int] = None) -> Iterator[Chunk]:
+        """The fixed evaluation set of a synthetic task, in batches of ``batch_size`` sequences.
+
+        The ``size`` (default ``eval_size``) sequences are drawn from ``eval_generator`` in blocks
+        of ``EVAL_BLOCK`` (the last one shorter) and re-cut into batches, so the sequences and
+        their order do not depend on ``batch_size``: ``sab eval`` at any ``--eval-batch`` scores
+        the very sequences the trainer's evaluations scored.  Another ``size`` is another set
+        (a block of another length is another draw), whatever the batch."""
+        _check_positive("batch_size", batch_size)
+        size = self.config.eval_size if size is None else size
+        _check_positive("size", size)
+        generator = self.eval_generator()
+        pending, have, drawn = [], 0, 0  # blocks drawn and not yet handed out
+        while have or drawn < size:
+            while have < batch_size and drawn < size:
+                k = min(EVAL_BLOCK, size - drawn)
+                pending.append(self.sample(k, generator, T))
+                have, drawn = have + k, drawn + k
+            chunk, b = _batch_cat(pending), min(batch_size, have)
+            yield _batch_slice(chunk, slice(0, b))
+            pending, have = ([_batch_slice(chunk, slice(b, None))] if have > b else []), have - b
 
     def loss_fn(self, chunk: Chunk, readout: Readout):
         """The engines' callback ``loss(start, stop, output, summary)`` for this chunk."""
@@ -232,6 +274,7 @@ class CopyingTask(Task):
     """
 
     name = "copy"
+    draws_eval_set = True
     main_metric = "acc"
     output_size = N_SYMBOLS
     dry_run = {"T": 10, "eval_size": 4}
@@ -286,14 +329,12 @@ class CopyingTask(Task):
         accuracy and cross-entropy at each of the 10 recalled digits (first to last), whose
         means are ``acc`` and ``ce10``: they show which digits a model has learned to recall."""
         T = T or self.config.T
-        generator = self.eval_generator()
         ce_sum = 0.0
         pos_correct = torch.zeros(N_DIGITS, dtype=torch.float64)  # (10,) summed over sequences
         pos_ce = torch.zeros(N_DIGITS, dtype=torch.float64)  # (10,)
         n = 0
-        for b0 in range(0, self.config.eval_size, batch_size):
-            b = min(batch_size, self.config.eval_size - b0)
-            x, y, _ = self.sample(b, generator, T)  # (T+20, b, I), (T+20, b)
+        for x, y, _ in self.eval_batches(batch_size, T):  # (T+20, b, I), (T+20, b)
+            b = x.shape[1]
             x, y = x.to(_device_of(model)), y.to(_device_of(model))
             for start, stop, output, summary in _run_chunks(model, x, chunk_len):
                 logits = model.readout(output, summary)  # (w, b, 10)
@@ -331,6 +372,7 @@ class AddingTask(Task):
     last step; MSE.  Always predicting 1.0 scores 1/6 (sum); 0.5 scores 1/24 (mean)."""
 
     name = "adding"
+    draws_eval_set = True
     main_metric = "mse"
     input_size = 2
     output_size = 1
@@ -369,11 +411,9 @@ class AddingTask(Task):
     def evaluate(self, model: nn.Module, T: Optional[int] = None, batch_size: int = 128,
                  chunk_len: int = 1000) -> Dict[str, float]:
         T = T or self.config.T
-        generator = self.eval_generator()
         sq, n = 0.0, 0
-        for b0 in range(0, self.config.eval_size, batch_size):
-            b = min(batch_size, self.config.eval_size - b0)
-            x, y, _ = self.sample(b, generator, T)  # (T, b, 2), (b,)
+        for x, y, _ in self.eval_batches(batch_size, T):  # (T, b, 2), (b,)
+            b = x.shape[1]
             x, y = x.to(_device_of(model)), y.to(_device_of(model))
             for start, stop, output, summary in _run_chunks(model, x, chunk_len):
                 if stop == T:

@@ -56,7 +56,7 @@ from . import native
 from .engines import ENGINES, check_credit_tol, forward_backward
 from .heads import SequenceModel
 from .models import MODELS, build_rnn, model_arguments
-from .tasks import TASKS, Task, derive_seed
+from .tasks import EVAL_BLOCK, TASKS, Task, derive_seed
 
 __all__ = ["ModelConfig", "TrainConfig", "RunConfig", "Trainer", "NonFiniteLoss", "ConfigError",
            "build_model", "load_run", "evaluate_run", "hardware_info", "hardware_summary",
@@ -108,8 +108,8 @@ class TrainConfig:
     clip: float = 1.0  # gradient-norm clip; 0 turns clipping off (the norm is still logged)
     eval_every: int = 200
     ckpt_every: int = 200
-    # evaluation batch; the fixed evaluation set is drawn batch by batch, so another
-    # eval_batch draws other sequences from the same seed (same expected metrics)
+    # evaluation batch: memory only; the fixed evaluation set is drawn in blocks of
+    # sab.tasks.EVAL_BLOCK sequences whatever it is (Task.eval_batches)
     eval_batch: int = 128
     seed: int = 0
     engine: str = "reference"  # one of sab.engines.ENGINES
@@ -311,8 +311,10 @@ def evaluate_run(run_dir, lengths: Optional[Sequence[int]] = None,
     """Evaluate a run's checkpoint and append one line per evaluation to its ``eval.jsonl``:
     at each length in ``lengths`` (tasks with a length T; ``None``: the trained T), or on the
     configured split (data tasks).  Each line holds the checkpoint's step, ``T`` and
-    ``trained_T`` (or ``split``), ``eval_size``, the task's metrics, the seconds the evaluation
-    took (the C++ build is not in them: :func:`load_run` does it first) and the hardware.
+    ``trained_T`` (or ``split``), ``eval_size``, ``eval_block`` (synthetic tasks: the blocks
+    their set is drawn in; older lines without it drew it batch by batch, another sample), the
+    task's metrics, the seconds the evaluation took (the C++ build is not in them:
+    :func:`load_run` does it first) and the hardware.
     ``on_row`` is called with each line as it is written.  ``per_position`` (copying only)
     adds the accuracy and cross-entropy at each recalled digit."""
     run_dir = Path(run_dir)
@@ -331,8 +333,9 @@ def evaluate_run(run_dir, lengths: Optional[Sequence[int]] = None,
         metrics = task.evaluate(model, T=T, batch_size=eval_batch, chunk_len=chunk_len, **extra)
         where = {"T": T, "trained_T": trained_T} if trained_T is not None else \
             {"split": task.config.eval_split}
-        row = {"step": ckpt["step"], **where, "eval_size": task.config.eval_size, **metrics,
-               "seconds": round(time.time() - t0, 2), "hardware": hw}
+        drawn = {"eval_block": EVAL_BLOCK} if task.draws_eval_set else {}  # how the set is drawn
+        row = {"step": ckpt["step"], **where, "eval_size": task.config.eval_size, **drawn,
+               **metrics, "seconds": round(time.time() - t0, 2), "hardware": hw}
         rows.append(row)
         if on_row:
             on_row(row)

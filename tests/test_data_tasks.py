@@ -96,6 +96,7 @@ def test_eval_and_plot_of_a_data_run(root, tmp_path, capsys):
     assert main(["eval", "--run", str(run), "--split", "test", "--eval-size", "100"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["split"] == "test" and row["eval_size"] == 100 and math.isfinite(row["bpc"])
+    assert "eval_block" not in row  # a fixed text, not a drawn set
     assert main(["plot", "--run", str(run)]) == 0
     assert (run / "curves.png").exists() and (run / "attention.png").exists()
     ckpt = torch.load(run / "ckpt.pt", weights_only=False)

@@ -197,8 +197,8 @@ def test_transfer_reads_a_t100_run_at_longer_t_and_times_only_the_evaluation(tmp
              (tmp_path / "runs" / row.name / "eval.jsonl").read_text().splitlines()]
     trained_T = json.loads((tmp_path / "runs" / row.name / "config.json").read_text())[
         "task"]["T"]  # the dry run's short sequences
-    assert [(x["T"], x["trained_T"], x["step"], x["eval_size"]) for x in lines] == \
-        [(7, trained_T, 2, 8), (12, trained_T, 2, 8)]
+    assert [(x["T"], x["trained_T"], x["step"], x["eval_size"], x["eval_block"])
+            for x in lines] == [(7, trained_T, 2, 8, 128), (12, trained_T, 2, 8, 128)]
     assert all(0 <= x["acc"] <= 1 and x["seconds"] >= 0 and "torch" in x["hardware"]
                for x in lines)
     assert len(logs) == 2

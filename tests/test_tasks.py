@@ -1,10 +1,13 @@
 """Tasks (SPEC §6): exact data formats, reproducibility, the no-memory baselines, the loss callback."""
 import math
+from unittest import mock
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import sab
+from sab import tasks
 from sab.heads import SequenceModel
 from sab.tasks import CopyingTask, adding_batch, build_task, copying_batch, encode_copying
 
@@ -152,8 +155,7 @@ def test_per_position_metrics_against_the_definition(chunk_len):
     orig = task.sample
     task.sample = lambda b, g, T=None: (lambda c: c._replace(x=c.x.double()))(orig(b, g, T))
     m = task.evaluate(model, batch_size=4, chunk_len=chunk_len, per_position=True)
-    g = task.eval_generator()  # the same fixed set, drawn in the same batches of 4, 4, 2
-    x, y = (torch.cat(t, dim=1) for t in zip(*(task.sample(b, g)[:2] for b in (4, 4, 2))))
+    x, y, _ = task.sample(10, task.eval_generator())  # the set: one block of 10 < EVAL_BLOCK
     with torch.no_grad():
         out, _, rec = model(x, None, return_attention=True)
         logits = model.readout(out, rec[-1].summary)[-10:]  # (10, B, 10)
@@ -165,6 +167,60 @@ def test_per_position_metrics_against_the_definition(chunk_len):
     assert sum(m["acc_by_position"]) / 10 == pytest.approx(m["acc"], abs=1e-12)
     assert sum(m["ce10_by_position"]) / 10 == pytest.approx(m["ce10"], rel=1e-9)
     assert set(task.evaluate(model, batch_size=4)) == {"acc", "ce10", "ce"}  # off by default
+
+
+def _batch_dim_cat(parts):
+    x = torch.cat([p.x for p in parts], 1)
+    y = torch.cat([p.y for p in parts], 0 if parts[0].y.dim() == 1 else 1)
+    return x, y
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(["copy", "adding"]), size=st.integers(1, 23),
+       block=st.integers(1, 9), batch=st.integers(1, 30))
+def test_eval_set_is_drawn_in_blocks_whatever_the_batch(name, size, block, batch):
+    """The evaluation set is the eval generator's draws of min(EVAL_BLOCK, rest) sequences, in
+    order; any batch size hands out exactly those sequences, in batches of min(batch, rest)."""
+    task = build_task(name, T=6, eval_size=size)
+    g, want, drawn = task.eval_generator(), [], 0
+    while drawn < size:
+        want.append(task.sample(min(block, size - drawn), g))
+        drawn += want[-1].x.shape[1]
+    want_x, want_y = _batch_dim_cat(want)
+    with mock.patch.object(tasks, "EVAL_BLOCK", block):
+        got = list(task.eval_batches(batch))
+    assert [c.x.shape[1] for c in got] == [min(batch, size - i) for i in range(0, size, batch)]
+    x, y = _batch_dim_cat(got)
+    assert torch.equal(x, want_x) and torch.equal(y, want_y)
+    assert all(c.reset for c in got)
+
+
+def test_eval_set_keeps_the_trainers_recorded_draws():
+    """With the default block (128, the trainer's eval_batch), batches of 128 are the draws every
+    recorded training evaluation made: task.sample(128) four times from the eval generator."""
+    task = build_task("copy", T=4, eval_size=512)
+    g = task.eval_generator()
+    old = [task.sample(128, g) for _ in range(4)]
+    for batch in (128, 64, 100, 512):
+        x, y = _batch_dim_cat(list(task.eval_batches(batch)))
+        assert torch.equal(x, torch.cat([c.x for c in old], 1))
+        assert torch.equal(y, torch.cat([c.y for c in old], 1))
+    with pytest.raises(ValueError, match="batch_size"):
+        next(task.eval_batches(0))
+
+
+@pytest.mark.parametrize("name", ["copy", "adding"])
+def test_evaluation_does_not_depend_on_the_batch(name):
+    """The metrics of one model at eval batches that do and do not divide the block, across
+    more than one block (eval_size 150 > 128): the same sequences, so the same numbers."""
+    task = build_task(name, T=8, eval_size=150)
+    model = _model(task, "sab").double().eval()
+    orig = task.sample
+    task.sample = lambda b, g, T=None: (lambda c: c._replace(x=c.x.double()))(orig(b, g, T))
+    ref = task.evaluate(model, batch_size=150)
+    for batch in (7, 64, 128):
+        got = task.evaluate(model, batch_size=batch)
+        assert got == pytest.approx(ref, rel=1e-12)
 
 
 def test_adding_evaluation_windows():
