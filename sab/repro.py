@@ -711,6 +711,7 @@ def write_report(results="results", paper_file=PAPER_FILE, figures: bool = True,
         L.append("")
         _table(L)
         if table == "transfer":
+            old_draw = False
             for name in TRANSFER:
                 rec, row = records[name], ROWS[name]
                 evals = [e for e in _read_jsonl(results / "runs" / name / EVALS)
@@ -727,13 +728,17 @@ def write_report(results="results", paper_file=PAPER_FILE, figures: bool = True,
                     else:
                         e = mine[-1]
                         n = e.get("eval_size")
+                        mark = _draw_mark(e)
+                        old_draw = old_draw or bool(mark)
                         L.append(f"| {label} | {p} | {_fmt_metric(e.get('acc'), 'acc')}"
-                                 f"{f' ({n:,} sequences)' if n else ''} | "
+                                 f"{f' ({n:,} sequences{mark})' if n else ''} | "
                                  f"checkpoint of step {e['step']:,} / {row.train['steps']:,} | "
                                  f"eval {_fmt_wall(e.get('seconds'))} | "
                                  f"{e.get('hardware', '–')} |")
                         summary.append(L[-1])
             L.append("")
+            if old_draw:
+                L += [OLD_DRAW_NOTE, ""]
             if "transfer" in figs:
                 L.append(f"![accuracy against T](figures/{figs['transfer'].name})")
                 L.append("")
@@ -827,9 +832,23 @@ def _position_table(results: Path, rows: Sequence[Row], evals_file: str) -> List
          "|---|---:|" + "---:|" * (n + 1)]
     for row, e in found:
         digits = " | ".join(f"{100 * a:.0f}%" for a in e["acc_by_position"])
-        L.append(f"| {row.label} `{row.name}` | {e['step']:,} | {digits} | "
+        L.append(f"| {row.label} `{row.name}` | {e['step']:,}{_draw_mark(e)} | {digits} | "
                  f"{_fmt_metric(e['acc'], 'acc')} |")
-    return L + [""]
+    old_draw = any(_draw_mark(e) for _, e in found)
+    return L + [""] + ([OLD_DRAW_NOTE, ""] if old_draw else [])
+
+
+OLD_DRAW_MARK = " †"
+OLD_DRAW_NOTE = ("† Evaluated before the evaluation set was drawn in fixed blocks "
+                 "(`sab.tasks.EVAL_BLOCK`; the line has no `eval_block`): the set was drawn "
+                 "batch by batch, so this line scored a different sample of the same size and "
+                 "distribution from the training evaluations' and today's `sab eval`'s. Where "
+                 "the run's checkpoint is kept, `sab eval` records it again on today's set.")
+
+
+def _draw_mark(e: dict) -> str:
+    """The mark of an eval.jsonl line of a drawn set (copying) without ``eval_block``."""
+    return OLD_DRAW_MARK if "eval_block" not in e else ""
 
 
 # without a T=200 run, the attention map of copying T=200 comes from the first of these

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sab.cli import main
-from sab.repro import (PAPER_FILE, ROWS, TRANSFER, TRANSFER_T, paper_numbers, row_config,
-                       run_rows, run_transfer, select_rows, write_report)
+from sab.repro import (OLD_DRAW_NOTE, PAPER_FILE, ROWS, TRANSFER, TRANSFER_T, paper_numbers,
+                       row_config, run_rows, run_transfer, select_rows, write_report)
 from sab.trainer import Trainer
 
 
@@ -116,6 +116,7 @@ def _fake_run(results: Path):
                                                 "acc": 0.3, "seconds": 61, "eval_size": 64}) + "\n"
                                     + json.dumps({"step": 450, "T": 100, "trained_T": 100,
                                                   "acc": 0.3, "eval_size": 512,
+                                                  "eval_block": 128,
                                                   "acc_by_position": [1, 1] + [1 / 8] * 8})
                                     + "\n")
     (results / "runs" / "copy100-lstm").mkdir()  # a run directory without any data
@@ -136,7 +137,11 @@ def test_report_from_a_fake_recorded_run(tmp_path):
     assert "≈98.8% (recalled)" in text
     transfer = next(x for x in text.splitlines()
                     if x.startswith("| SAB (k_trunc=5, k_top=5, k_att=2), T = 100 → 5,000"))
-    assert "≈40% (recalled)" in transfer and "30.0% (64 sequences)" in transfer
+    assert "≈40% (recalled)" in transfer and "30.0% (64 sequences †)" in transfer
+    # that line has no eval_block (drawn batch by batch, before the fixed blocks): marked, and
+    # the mark explained once, under the transfer table; the per-position line has one
+    assert text.count(OLD_DRAW_NOTE) == 1
+    assert text.index(OLD_DRAW_NOTE) > text.index("## Transfer")
     assert text.count("not run") >= len(ROWS) - 2
     assert (tmp_path / "figures" / "copy100_curves.png").exists()
     assert (tmp_path / "figures" / "transfer.png").exists()
