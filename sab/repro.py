@@ -773,7 +773,9 @@ def write_report(results="results", paper_file=PAPER_FILE, figures: bool = True,
                 L += [f"Attention of `copy200-sab-5-5`{when} {legend}", "",
                       f"![attention map, copying T=200](figures/{figs['attention'].name})", ""]
             if "attention_t100" in figs:
-                why = ("has not been run" if not own.exists else "is unfinished")
+                why = ("has not been run" if not own.exists else
+                       "stopped improving before its planned steps" if own.plateau else
+                       "is unfinished")
                 L += [f"Attention of `{figs['attention_from']}`, **trained at T=100** and read "
                       f"unchanged at T=200 (`copy200-sab-5-5` {why}), {legend}", "",
                       f"![attention map, copying T=200, T=100 model]"
@@ -931,7 +933,8 @@ def _figures(results: Path, records: Dict[str, RunRecord], fig_dir: Path) -> dic
         out["attention"] = fig_dir / "attention_copy200.png"
         shutil.copyfile(run / "attention.png", out["attention"])
     # a T=100 SAB model read at T=200 (the transfer's model), beside the T=200 run's own map
-    # while that one is unfinished (an early checkpoint's map shows little)
+    # until that one has trained its planned steps (an early checkpoint's map shows little; one
+    # stopped by --patience is still worth comparing with the T=100 model's read)
     if (records["copy200-sab-5-5"].steps or 0) >= ROWS["copy200-sab-5-5"].train["steps"]:
         return out  # (against the row's budget: a dry run's own tiny plan does not count)
     for name in ATTENTION_FROM_T100:

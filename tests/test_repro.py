@@ -241,6 +241,22 @@ def test_report_draws_an_unfinished_copy200_run_beside_the_t100_model(tmp_path):
         assert (tmp_path / "figures" / name).stat().st_size > 0
 
 
+def test_report_captions_a_copy200_run_stopped_by_patience(tmp_path):
+    """A `copy200-sab-5-5` run that `--patience` stopped before its planned steps: the T=100
+    model's map beside it is captioned with that, not as unfinished."""
+    rows = select_rows(["copy100-sab-5-5", "copy200-sab-5-5"])
+    assert run_rows(rows, tmp_path, steps=2, dry_run=True, plot=False, log=lambda _: None) == 0
+    path = tmp_path / "runs" / "copy200-sab-5-5" / "status.json"
+    status = json.loads(path.read_text())
+    status.update(stopped="stopped improving: test", plateau={
+        "best": 0.5, "best_step": 0, "last_step": status["step"], "patience": 2,
+        "min_delta": 0.005})
+    path.write_text(json.dumps(status))
+    text = write_report(tmp_path).read_text()
+    assert "(`copy200-sab-5-5` stopped improving before its planned steps)" in text
+    assert "is unfinished)" not in text
+
+
 def test_stop_requested_checkpoints_and_resumes_exactly(tmp_path):
     """A run stopped between checkpoints (the signal path of `repro run`) resumes to the same
     weights as an uninterrupted run."""
