@@ -246,12 +246,11 @@ def test_report_captions_a_copy200_run_stopped_by_patience(tmp_path):
     model's map beside it is captioned with that, not as unfinished."""
     rows = select_rows(["copy100-sab-5-5", "copy200-sab-5-5"])
     assert run_rows(rows, tmp_path, steps=2, dry_run=True, plot=False, log=lambda _: None) == 0
-    path = tmp_path / "runs" / "copy200-sab-5-5" / "status.json"
-    status = json.loads(path.read_text())
-    status.update(stopped="stopped improving: test", plateau={
-        "best": 0.5, "best_step": 0, "last_step": status["step"], "patience": 2,
-        "min_delta": 0.005})
-    path.write_text(json.dumps(status))
+    # planned on to 4 steps, `--patience 1` with an improvement no accuracy can make: it stops
+    assert run_rows(rows[1:], tmp_path, steps=4, dry_run=True, plot=False, patience=1,
+                    min_delta=1.0, log=lambda _: None) == 0
+    status = json.loads((tmp_path / "runs" / "copy200-sab-5-5" / "status.json").read_text())
+    assert status["plateau"] and status["step"] < 4
     text = write_report(tmp_path).read_text()
     assert "(`copy200-sab-5-5` stopped improving before its planned steps)" in text
     assert "is unfinished)" not in text
