@@ -6,7 +6,7 @@ every parameter group (before clipping) — with ``block_score_grad`` the scores
 the scorer's parameters alone, so the scorer's rows show what δ's rule changes — and how much of
 the attention sits on near-ties at the last ten steps (weights summing to less than 0.5).
 
-    python -m benchmarks.score_grad --run results/runs/copy100-sab-5-5-const-delta --batches 3
+    python -m benchmarks.score_grad --run results/benchmarks/const_delta_step43479 --batches 3
 """
 from __future__ import annotations
 
