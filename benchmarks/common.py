@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import sab
+from sab import native
 from sab.cli import _positive_int
 from sab.engines import forward_backward
 from sab.heads import SequenceModel
@@ -37,7 +38,8 @@ def machine() -> str:
         pass
     dev = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{cpu}, {os.cpu_count()} cores{dev}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} thread(s); python {platform.python_version()}")
+            f"{torch.get_num_threads()} thread(s); python {platform.python_version()}; "
+            f"{native.describe()}")
 
 
 @dataclass

@@ -41,7 +41,7 @@ from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["kernels", "enabled"]
+__all__ = ["kernels", "enabled", "describe"]
 
 SOURCE = Path(__file__).with_name("csrc") / "fused_steps.cpp"
 _ON = os.environ.get("SAB_NATIVE", "1") != "0"
@@ -142,6 +142,14 @@ def kernels(part: str = "steps"):
                               "sab.fused runs its Python steps and the scorer ranks with ATen "
                               "operations (the same results to rounding, slower)")
     return _STATE["module"]
+
+
+def describe() -> str:
+    """Which steps run now, for a benchmark's header: ``"C++ steps"`` (sab.native's), or
+    ``"Python steps"`` and why (switched off, e.g. by ``SAB_NATIVE=0``, or not built)."""
+    if not _STATE["steps"]:
+        return "Python steps (sab.native off)"
+    return "C++ steps (sab.native)" if kernels() is not None else "Python steps (not built)"
 
 
 @contextlib.contextmanager

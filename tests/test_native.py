@@ -26,6 +26,13 @@ def test_the_step_functions_build():
     assert native.kernels() is not None
 
 
+def test_describe_says_which_steps_run():
+    """A benchmark's header says whether sab.native's steps or the Python ones ran."""
+    assert native.describe() == "C++ steps (sab.native)"
+    with native.enabled(steps=False):
+        assert native.describe() == "Python steps (sab.native off)"
+
+
 def test_a_failed_build_falls_back_to_the_python_steps(monkeypatch):
     """A build that fails warns once, with the compiler's error line, and the layer runs its
     Python steps."""
@@ -37,6 +44,7 @@ def test_a_failed_build_falls_back_to_the_python_steps(monkeypatch):
     with pytest.warns(UserWarning, match="fused_steps.cpp:1: error: something"):
         assert native.kernels() is None
     assert native.kernels() is None  # tried once per process
+    assert native.describe() == "Python steps (not built)"  # what a benchmark's header says
     layer = sab.SABLSTM(3, 4, k_trunc=2, k_top=2, k_att=1, block_score_grad=True)
     out, _ = layer(torch.randn(9, 2, 3))
     out.sum().backward()
