@@ -68,17 +68,19 @@ def test_the_one_hot_tbptt_row_differs_from_its_row_only_in_the_input_encoding()
     assert [r.name for r in ROWS.values() if r.task_options.get("one_hot")] == [row.name]
 
 
-def test_the_seed_1_tbptt_row_differs_from_its_row_only_in_the_seed():
-    row, base = ROWS["copy100-tbptt-5-seed1"], ROWS["copy100-tbptt-5"]
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_seed_tbptt_rows_differ_from_their_row_only_in_the_seed(seed):
+    row, base = ROWS[f"copy100-tbptt-5-seed{seed}"], ROWS["copy100-tbptt-5"]
     assert row.model == base.model and row.task_options == base.task_options
-    assert row.table == base.table and row.label == base.label + ", seed 1"
-    assert row.train == {**base.train, "seed": 1}
+    assert row.table == base.table and row.label == base.label + f", seed {seed}"
+    assert row.train == {**base.train, "seed": seed}
     config, base_config = row_config(row), row_config(base)
-    assert (config.train.seed, base_config.train.seed) == (1, 0)
+    assert (config.train.seed, base_config.train.seed) == (seed, 0)
     # the evaluation set is drawn from the task's own seed, not the training seed: the same
     task, base_task = (build_task(c.task, **c.task_options) for c in (config, base_config))
     assert torch.equal(task.eval_generator().get_state(), base_task.eval_generator().get_state())
-    assert [r.name for r in ROWS.values() if r.train.get("seed", 0) != 0] == [row.name]
+    assert [r.name for r in ROWS.values() if r.train.get("seed", 0) != 0] == \
+        ["copy100-tbptt-5-seed1", "copy100-tbptt-5-seed2"]
 
 
 def test_paper_numbers_load_and_cite_their_status():
