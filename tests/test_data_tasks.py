@@ -307,3 +307,41 @@ def test_image_stream_resumes_mid_epoch_and_across_epochs(root):
     for _ in range(4):
         ca, cb = next(a), next(b)
         assert torch.equal(ca.x, cb.x) and torch.equal(ca.y, cb.y)
+
+
+def test_eval_windows_benchmark_reads_the_split_as_the_task_evaluates_it(root, tmp_path,
+                                                                          monkeypatch):
+    """benchmarks/eval_windows.py: its two totals are the task's own evaluation with the state
+    carried and with reset_memory, and its stretches cover the split, weighting to the total."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from benchmarks import eval_windows
+    from sab.trainer import load_run
+    Trainer(lm_config(root, steps=3), tmp_path).run()
+    out = eval_windows.main(["--run", str(tmp_path), "--every", "7", "--window", "5"])
+    _, task, model, _ = load_run(tmp_path)
+    _, reset_task, _, _ = load_run(tmp_path, task_options={"reset_memory": True})
+    # windows of 5 against the task's 1,000: float32 sums in another order
+    assert out["carried"]["bpc"] == pytest.approx(task.evaluate(model)["bpc"], rel=1e-6)
+    assert out["reset_memory"]["bpc"] == pytest.approx(reset_task.evaluate(model)["bpc"],
+                                                       rel=1e-6)
+    assert out["carried"]["bpc"] != pytest.approx(out["reset_memory"]["bpc"], rel=1e-4)
+    rows = task._eval_columns().shape[0] - 1  # characters scored per column
+    for reading in (out["carried"], out["reset_memory"]):
+        ends = [s["to_row"] for s in reading["stretches"]]
+        assert ends == sorted(ends) and ends[-1] == rows and len(ends) >= 2
+        sizes = [b - a for a, b in zip([0] + ends, ends)]
+        mean = sum(s["bpc"] * k for s, k in zip(reading["stretches"], sizes)) / rows
+        assert mean == pytest.approx(reading["bpc"], rel=1e-9)
+
+
+def test_eval_windows_benchmark_needs_a_text_task(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from benchmarks import eval_windows
+    config = RunConfig("copy", {"T": 3, "eval_size": 8}, ModelConfig(name="lstm", hidden=8),
+                       TrainConfig(steps=2, batch_size=4, eval_every=2, ckpt_every=2))
+    Trainer(config, tmp_path).run()
+    with pytest.raises(SystemExit, match="not read as a text"):
+        eval_windows.main(["--run", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        eval_windows.main(["--run", str(tmp_path), "--every", "0"])
+    assert "--every must be >= 1 characters, got 0" in capsys.readouterr().err

@@ -1,0 +1,93 @@
+"""Where along the validation text a language-model checkpoint's bits per character go.
+
+``sab eval`` (and the trainer's evaluations) read a ``ptb`` / ``text8`` split in columns with the
+state carried from window to window, SAB's memory included, and report one number.  This reads
+the same columns the same way and reports the bits per character of each stretch of ``--every``
+characters per column, with the carried state's mean |h| and |c| at its end, beside the same
+weights read with ``reset_memory`` (h and c carried, the memory dropped every ``seq_len``
+characters, as in training with that option).  It shows whether a bad evaluation is the weights
+(bad from the first stretch, in both readings) or the carried state running away along the text
+(good at first, worse as the state grows, and not with the memory dropped).  The two totals are
+the task's own evaluation with and without ``reset_memory``.
+
+    python -m benchmarks.eval_windows --run results/runs/ptb-sab-5-5-const-delta --every 10000
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from sab.data import iter_windows
+from sab.trainer import load_run
+
+from .common import base_parser, finish, fmt_table, machine
+
+
+def read(task, model, every: int, window: int = 1000) -> Dict[str, object]:
+    """The task's evaluation split read as ``task.evaluate`` reads it (in windows of ``window``
+    characters with the state carried, which does not change the result; ``seq_len`` with
+    ``reset_memory``): per stretch of ``every`` rows (characters per column) the bits per
+    character and the carried state's mean |h|, |c| at its end; and the total."""
+    columns = task._eval_columns()  # (N, C)
+    window = task.config.seq_len if task.config.reset_memory else window
+    state, nll, n = None, 0.0, 0
+    stretches: List[dict] = []
+    s_nll, s_n, row = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in iter_windows(columns, window):  # (w, C) each
+            output, state, records = model(x, task.carry(state), return_attention=True)
+            logits = model.readout(output, records[-1].summary)  # (w, C, V)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                   reduction="sum").item()
+            nll, n, s_nll, s_n = nll + loss, n + y.numel(), s_nll + loss, s_n + y.numel()
+            row += y.shape[0]
+            if row // every != (row - y.shape[0]) // every or row >= columns.shape[0] - 1:
+                stretches.append({"to_row": row, "bpc": s_nll / s_n / math.log(2),
+                                  "h_norm": state.h.norm(dim=-1).mean().item(),
+                                  "c_norm": state.c.norm(dim=-1).mean().item()})
+                s_nll, s_n = 0.0, 0
+    return {"bpc": nll / n / math.log(2), "stretches": stretches}
+
+
+def main(argv=None) -> dict:
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="a ptb or text8 run directory with its ckpt.pt")
+    p.add_argument("--every", type=int, default=10000,
+                   help="characters per column in each reported stretch (default 10000)")
+    p.add_argument("--window", type=int, default=1000,
+                   help="characters per column read at once, state carried (default 1000, as "
+                        "sab eval; the result does not depend on it)")
+    args = p.parse_args(argv)
+    if args.every < 1:
+        p.error(f"--every must be >= 1 characters, got {args.every}")
+    if args.window < 1:
+        p.error(f"--window must be >= 1 characters, got {args.window}")
+    torch.set_num_threads(args.threads)
+    config, task, model, ckpt = load_run(args.run)
+    if not hasattr(task, "_eval_columns"):
+        raise SystemExit(f"eval_windows: the {config.task} task is not read as a text; use a ptb "
+                         f"or text8 run")
+    _, reset_task, _, _ = load_run(args.run, task_options={"reset_memory": True})
+    carried = read(task, model, args.every, args.window)
+    reset = read(reset_task, model, args.every)
+    print(f"run {args.run}, checkpoint of step {ckpt['step']}, {task.config.eval_split} split in "
+          f"{task._eval_columns().shape[1]} columns; {machine()}")
+    rows = []
+    for a in carried["stretches"]:  # the reset reading's stretch ending at or after a's
+        b = next(s for s in reset["stretches"] if s["to_row"] >= a["to_row"])
+        rows.append([a["to_row"], f"{a['bpc']:.3f}", f"{a['h_norm']:.1f}", f"{a['c_norm']:.1f}",
+                     b["to_row"], f"{b['bpc']:.3f}", f"{b['c_norm']:.1f}"])
+    print(fmt_table(["to char", "carried bpc", "|h|", "|c|", "to char (reset)", "reset bpc",
+                     "|c| (reset)"], rows))
+    print(f"total: carried {carried['bpc']:.4f}, reset_memory {reset['bpc']:.4f} bits per "
+          f"character")
+    out = {"run": args.run, "step": ckpt["step"], "carried": carried, "reset_memory": reset}
+    finish(args, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
