@@ -250,17 +250,24 @@ def test_carried_state_benchmark(root, tmp_path, monkeypatch, model):
         torch.set_num_threads(before)
 
 
-def test_carried_state_benchmark_needs_a_carrying_task(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("bench,refusal,bad,message", [
+    ("carried_state", "does not carry its state", ["--threads", "0"],
+     "argument --threads: expected an integer >= 1, got 0"),
+    ("eval_windows", "not read as a text", ["--every", "0"],
+     "--every must be >= 1 characters, got 0")])
+def test_text_benchmarks_refuse_a_copying_run_and_bad_arguments(bench, refusal, bad, message,
+                                                               tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-    from benchmarks import carried_state
+    import importlib
+    module = importlib.import_module(f"benchmarks.{bench}")
     config = RunConfig("copy", {"T": 3, "eval_size": 8}, ModelConfig(name="lstm", hidden=8),
                        TrainConfig(steps=2, batch_size=4, eval_every=2, ckpt_every=2))
     Trainer(config, tmp_path).run()
-    with pytest.raises(SystemExit, match="does not carry its state"):
-        carried_state.main(["--run", str(tmp_path)])
+    with pytest.raises(SystemExit, match=refusal):
+        module.main(["--run", str(tmp_path)])
     with pytest.raises(SystemExit):
-        carried_state.main(["--run", str(tmp_path), "--threads", "0"])
-    assert "argument --threads: expected an integer >= 1, got 0" in capsys.readouterr().err
+        module.main(["--run", str(tmp_path), *bad])
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model", ["lstm", "sab"])
@@ -332,16 +339,3 @@ def test_eval_windows_benchmark_reads_the_split_as_the_task_evaluates_it(root, t
         sizes = [b - a for a, b in zip([0] + ends, ends)]
         mean = sum(s["bpc"] * k for s, k in zip(reading["stretches"], sizes)) / rows
         assert mean == pytest.approx(reading["bpc"], rel=1e-9)
-
-
-def test_eval_windows_benchmark_needs_a_text_task(tmp_path, monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-    from benchmarks import eval_windows
-    config = RunConfig("copy", {"T": 3, "eval_size": 8}, ModelConfig(name="lstm", hidden=8),
-                       TrainConfig(steps=2, batch_size=4, eval_every=2, ckpt_every=2))
-    Trainer(config, tmp_path).run()
-    with pytest.raises(SystemExit, match="not read as a text"):
-        eval_windows.main(["--run", str(tmp_path)])
-    with pytest.raises(SystemExit):
-        eval_windows.main(["--run", str(tmp_path), "--every", "0"])
-    assert "--every must be >= 1 characters, got 0" in capsys.readouterr().err
