@@ -14,42 +14,46 @@ the task's own evaluation with and without ``reset_memory``.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import inspect
 import math
 from typing import Dict, List
 
 import torch
-import torch.nn.functional as F
 
-from sab.data import iter_windows
 from sab.trainer import load_run
 
 from .common import base_parser, finish, fmt_table, machine
 
 
 def read(task, model, every: int, window: int = 1000) -> Dict[str, object]:
-    """The task's evaluation split read as ``task.evaluate`` reads it (in windows of ``window``
-    characters with the state carried, which does not change the result; ``seq_len`` with
-    ``reset_memory``): per stretch of ``every`` rows (characters per column) the bits per
-    character and the carried state's mean |h|, |c| at its end; and the total."""
-    columns = task._eval_columns()  # (N, C)
-    window = task.config.seq_len if task.config.reset_memory else window
-    state, nll, n = None, 0.0, 0
+    """The task's own evaluation (``task.evaluate``, in windows of ``window`` characters with the
+    state carried, which does not change the result; ``seq_len`` with ``reset_memory``), split
+    into stretches of ``every`` rows (characters per column): per stretch the bits per character
+    and the carried state's mean |h|, |c| at its end; and the total."""
     stretches: List[dict] = []
-    s_nll, s_n, row = 0.0, 0, 0
-    with torch.no_grad():
-        for x, y in iter_windows(columns, window):  # (w, C) each
-            output, state, records = model(x, task.carry(state), return_attention=True)
-            logits = model.readout(output, records[-1].summary)  # (w, C, V)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                   reduction="sum").item()
-            nll, n, s_nll, s_n = nll + loss, n + y.numel(), s_nll + loss, s_n + y.numel()
-            row += y.shape[0]
-            if row // every != (row - y.shape[0]) // every or row >= columns.shape[0] - 1:
-                stretches.append({"to_row": row, "bpc": s_nll / s_n / math.log(2),
-                                  "h_norm": state.h.norm(dim=-1).mean().item(),
-                                  "c_norm": state.c.norm(dim=-1).mean().item()})
-                s_nll, s_n = 0.0, 0
-    return {"bpc": nll / n / math.log(2), "stretches": stretches}
+    acc = {"row": 0, "nll": 0.0, "n": 0, "state": None}
+
+    def close():
+        state = acc["state"]  # h, c (L, C, H)
+        stretches.append({"to_row": acc["row"], "bpc": acc["nll"] / acc["n"] / math.log(2),
+                          "h_norm": state.h.norm(dim=-1).mean().item(),
+                          "c_norm": state.c.norm(dim=-1).mean().item(),
+                          "columns": state.h.shape[1]})
+        acc["nll"], acc["n"] = 0.0, 0
+
+    def on_window(nll, y, state):  # y (w, C)
+        before = acc["row"]
+        acc.update(row=before + y.shape[0], nll=acc["nll"] + nll, n=acc["n"] + y.numel(),
+                   state=state)
+        if acc["row"] // every != before // every:
+            close()
+
+    metrics = task.evaluate(model, chunk_len=window, on_window=on_window)
+    if acc["n"]:  # the split's tail after the last whole stretch
+        close()
+    return {"bpc": metrics["bpc"], "stretches": stretches}
 
 
 def main(argv=None) -> dict:
@@ -67,14 +71,16 @@ def main(argv=None) -> dict:
         p.error(f"--window must be >= 1 characters, got {args.window}")
     torch.set_num_threads(args.threads)
     config, task, model, ckpt = load_run(args.run)
-    if not hasattr(task, "_eval_columns"):
+    if "on_window" not in inspect.signature(task.evaluate).parameters:
         raise SystemExit(f"eval_windows: the {config.task} task is not read as a text; use a ptb "
                          f"or text8 run")
-    _, reset_task, _, _ = load_run(args.run, task_options={"reset_memory": True})
+    # the same task (corpus already read) with the memory dropped every seq_len characters
+    reset_task = copy.copy(task)
+    reset_task.config = dataclasses.replace(task.config, reset_memory=True)
     carried = read(task, model, args.every, args.window)
     reset = read(reset_task, model, args.every)
     print(f"run {args.run}, checkpoint of step {ckpt['step']}, {task.config.eval_split} split in "
-          f"{task._eval_columns().shape[1]} columns; {machine()}")
+          f"{carried['stretches'][0]['columns']} columns; {machine()}")
     rows = []
     for a in carried["stretches"]:  # the reset reading's stretch ending at or after a's
         b = next(s for s in reset["stretches"] if s["to_row"] >= a["to_row"])

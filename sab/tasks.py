@@ -599,11 +599,15 @@ class CharLMTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, T: Optional[int] = None, batch_size: int = 128,
-                 chunk_len: int = 1000) -> Dict[str, float]:
+                 chunk_len: int = 1000,
+                 on_window: Optional[Callable[[float, Tensor, object], None]] = None
+                 ) -> Dict[str, float]:
         """Bits per character (and CE in nats) of the evaluation split, read in windows of
         ``chunk_len`` characters with the state carried: the result does not depend on
         ``chunk_len`` (nor on ``batch_size``: the columns are ``eval_columns``) — except with
-        ``reset_memory``, where the windows are ``seq_len`` long, as in training."""
+        ``reset_memory``, where the windows are ``seq_len`` long, as in training.
+        ``on_window(nll, y, state)`` is called after each window with its summed cross-entropy
+        (nats), its targets ``y`` (w, C) and the state after it (``benchmarks.eval_windows``)."""
         from .data import bits_per_char, iter_windows
         columns = self._eval_columns()  # (N, C)
         if self.config.reset_memory:
@@ -615,9 +619,11 @@ class CharLMTask(Task):
             x, y = x.to(device), y.to(device)  # (w, C) each
             output, state, records = model(x, self.carry(state), return_attention=True)
             logits = model.readout(output, records[-1].summary)  # (w, C, V)
-            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                   reduction="sum").item()
-            n += y.numel()
+            window_nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                         reduction="sum").item()
+            nll, n = nll + window_nll, n + y.numel()
+            if on_window is not None:
+                on_window(window_nll, y, state)
         return {"bpc": bits_per_char(nll, n), "ce": nll / n}
 
 

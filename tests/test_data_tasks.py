@@ -2,6 +2,7 @@
 through the CLI, the LM carries its state window to window and resumes exactly, the embedding
 learns with both engines, an untrained model scores about log2(vocab) bits per character, and a
 data root without the files gives the data layer's message."""
+import importlib
 import json
 import math
 from pathlib import Path
@@ -258,7 +259,6 @@ def test_carried_state_benchmark(root, tmp_path, monkeypatch, model):
 def test_text_benchmarks_refuse_a_copying_run_and_bad_arguments(bench, refusal, bad, message,
                                                                tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
-    import importlib
     module = importlib.import_module(f"benchmarks.{bench}")
     config = RunConfig("copy", {"T": 3, "eval_size": 8}, ModelConfig(name="lstm", hidden=8),
                        TrainConfig(steps=2, batch_size=4, eval_every=2, ckpt_every=2))
