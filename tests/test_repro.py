@@ -83,6 +83,23 @@ def test_the_seed_tbptt_rows_differ_from_their_row_only_in_the_seed(seed):
         ["copy100-tbptt-5-seed1", "copy100-tbptt-5-seed2"]
 
 
+def test_the_fashion_mnist_rows_are_the_pmnist_rows_on_fashion_mnist_without_a_paper_number():
+    """pfmnist (SPEC §10's stand-in for permuted MNIST) has the pmnist rows' models and budget,
+    reads Fashion-MNIST with the same permutation, and has no paper number; SAB rows classified
+    from the last step train with the sparse engine, the baseline with full BPTT."""
+    for model in ("lstm", "sab-5-5"):
+        row, base = ROWS[f"pfmnist-{model}"], ROWS[f"pmnist-{model}"]
+        assert (row.model, row.train, row.label) == (base.model, base.train, base.label)
+        config, base_config = row_config(row, data_dir="/data"), row_config(base, data_dir="/data")
+        assert config.task_options["dataset"] == "fashion_mnist"
+        assert base_config.task_options["dataset"] == "mnist"
+        for c in (config, base_config):
+            assert c.task_options["permuted"] and c.task_options["data_dir"] == "/data"
+            assert c.task_options["perm_seed"] == base_config.task_options["perm_seed"]
+            assert c.train.engine == ("sparse" if model.startswith("sab") else "reference")
+    assert not [k for k in paper_numbers() if k.startswith("pfmnist")]
+
+
 def test_paper_numbers_load_and_cite_their_status():
     raw = json.loads(Path(PAPER_FILE).read_text())
     entries = paper_numbers()
