@@ -355,6 +355,10 @@ def test_a_diverged_row_records_where_and_the_report_says_so(tmp_path, monkeypat
 def test_metrics_are_formatted_with_the_digits_they_need():
     from sab.repro import _fmt_metric
     assert _fmt_metric(0.9109375, "acc") == "91.1%"
+    assert _fmt_metric(1.0, "acc") == "100.0%"
+    assert _fmt_metric(0.9996, "acc") == "99.96%"  # a miss is never shown as "100.0%"
+    assert _fmt_metric(0.99998, "acc") == "99.998%"
+    assert _fmt_metric(0.9994, "acc") == "99.9%"
     assert _fmt_metric(1.74213, "bpc") == "1.742"
     assert _fmt_metric(0.000558409, "mse") == "0.000558"  # not "0.001"
     assert _fmt_metric(0.1667, "mse") == "0.167"
