@@ -32,6 +32,7 @@ import shlex
 import shutil
 import sys
 import time
+import textwrap
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -912,7 +913,7 @@ def _figures(results: Path, records: Dict[str, RunRecord], fig_dir: Path) -> dic
                     color=colors[i % len(colors)])
         ax.set_xlabel("training step")
         ax.set_ylabel(f"{metric} (%)" if metric == "acc" else metric)
-        ax.set_title(title, fontsize=9)
+        ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)  # fit the figure
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
