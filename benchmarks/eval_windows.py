@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import math
 from typing import Dict, List
 
 import torch
 
+from sab.tasks import CharLMTask
 from sab.trainer import load_run
 
 from .common import base_parser, finish, fmt_table, machine
@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
         p.error(f"--window must be >= 1 characters, got {args.window}")
     torch.set_num_threads(args.threads)
     config, task, model, ckpt = load_run(args.run)
-    if "on_window" not in inspect.signature(task.evaluate).parameters:
+    if not isinstance(task, CharLMTask):
         raise SystemExit(f"eval_windows: the {config.task} task is not read as a text; use a ptb "
                          f"or text8 run")
     # the same task (corpus already read) with the memory dropped every seq_len characters
