@@ -31,8 +31,8 @@ import os
 import shlex
 import shutil
 import sys
-import time
 import textwrap
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -186,6 +186,7 @@ _TASK_ABLATIONS = {"copy100": [(suffix + "-onehot", label + ", one-hot input", m
 # seeds 1 and 2 peaked at 18.0% and 17.9%, seed 0 at 19.8%.)
 _SEED_ABLATIONS = {"copy100": [(_tbptt(5), seed) for seed in _ABLATION_SEEDS]}
 _TRAIN = {"eval_every": 200, "ckpt_every": 200}
+_DATA_TRAIN = {"steps": DATA_STEPS, "eval_every": 1000, "ckpt_every": 200}  # the real-data rows
 
 
 def _last_step_engine(model: Dict) -> Dict:
@@ -214,12 +215,11 @@ def _rows() -> Dict[str, Row]:
             if model["name"] == "sab":  # the state is carried along the text: bound the memory
                 model = dict(model, max_memories=300)
             rows.append(Row(f"{task}-{suffix}", task, label, task, {"seq_len": 150}, model,
-                            {"steps": DATA_STEPS, "eval_every": 1000, "ckpt_every": 200}))
+                            dict(_DATA_TRAIN)))
     for task in ("pmnist", "pfmnist"):
         for suffix, label, model in (_LSTM, _sab(5, 5)):
             rows.append(Row(f"{task}-{suffix}", task, label, task, {}, model,
-                            {"steps": DATA_STEPS, "eval_every": 1000, "ckpt_every": 200,
-                             **_last_step_engine(model)}))
+                            {**_DATA_TRAIN, **_last_step_engine(model)}))
     return {r.name: r for r in rows}
 
 
