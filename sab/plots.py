@@ -104,9 +104,10 @@ def plot_compare(runs, path, metric: Optional[str] = None) -> Path:
 def attention_matrix(record, sample: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(memories × steps) weights of one sequence from an AttentionRecord (time-major), and the
     write step of each row.  Rows are the memories read with a positive weight at least once, in
-    write order.  A memory selected at weight 0 (its score equals δ, the (k_top+1)-th largest, SPEC §2.4) is
-    left out: which of several tied memories top-k picks depends on the kernel and the thread
-    count, so keeping them would make the rows, and the drawn map, vary from machine to machine."""
+    write order.  A memory selected at weight 0 (its score equals δ, the (k_top+1)-th largest,
+    SPEC §2.4) is left out: which of several tied memories top-k picks depends on the kernel and
+    the thread count, so keeping them would make the rows, and the drawn map, vary from machine
+    to machine."""
     w = record.weights[:, sample]  # (T, K)
     steps = record.memory_steps[:, sample]  # (T, K), -1: padding
     T = w.shape[0]

@@ -28,8 +28,8 @@ def test_entries_are_the_weights_each_step_gave_each_memory():
 
 
 def test_a_memory_selected_at_weight_zero_is_not_drawn():
-    """k_top = 2 of three memories whose scores tie the third: the tied pick gets ã = 0 (SPEC
-    §2.4), and which one top-k picks is the kernel's choice; the map must not depend on it."""
+    """k_top = 2, memories 3 and 5 tied behind memory 1: whichever of the two top-k picks has the
+    score δ, so ã = 0 (SPEC §2.4); the pick is the kernel's choice and the map must not show it."""
     a = _record([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0]], [[-1, -1], [1, 3], [1, 5]])
     b = _record([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0]], [[-1, -1], [1, 5], [1, 3]])
     for rec in (a, b):
@@ -39,8 +39,8 @@ def test_a_memory_selected_at_weight_zero_is_not_drawn():
 
 
 def test_a_layers_map_keeps_every_positive_weight():
-    """On a real layer's record each column sums to that step's total positive weight (1 once
-    any memory is read, 0 before), and no row is all zeros."""
+    """On a real layer's record each column sums to the weights that step gave (0 before the
+    first write), every drawn row has some weight, and every memory read with weight is drawn."""
     layer = make_sab(k_top=2, k_att=1)
     x = torch.randn(12, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
